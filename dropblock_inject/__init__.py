@@ -1,0 +1,16 @@
+"""dropblock_inject: paper-faithful DropBlock, scheduled, injected into any convnet in one call.
+
+Example:
+    >>> import torch
+    >>> import dropblock_inject as dbi
+    >>> m = dbi.DropBlock(drop_prob=0.1, block_size=7)
+    >>> dbi.drop_block(torch.randn(2, 4, 14, 14), 0.1, 7).shape
+    torch.Size([2, 4, 14, 14])
+"""
+
+from dropblock_inject.op import DropBlock, block_geometry, drop_block
+from dropblock_inject.schedule import DropBlockSchedule
+
+__version__ = "0.1.0"
+
+__all__ = ["DropBlock", "DropBlockSchedule", "__version__", "block_geometry", "drop_block"]

@@ -1,0 +1,311 @@
+"""The DropBlock op: ``drop_block(x, drop_prob, block_size)`` on 4-D and 5-D tensors.
+
+Two implementations draw seeds the same way (:mod:`dropblock_inject.op.sampling`):
+
+* eager (:class:`_DropBlockFunction`): the exact seeds, a dense ``bool`` map only to count the
+  dropped units, one dense multiply by the rescale factor, then the dropped units are zeroed in
+  place through their indices. Backward saves the seeds (or the ``bool`` map when that is
+  smaller), never a float tensor.
+* traceable (:func:`drop_block_traceable`): fixed-size tensors only (no data-dependent shapes,
+  no ``.item()``), so ``torch.compile(fullgraph=True)`` captures it and a schedule can change the
+  rate as a tensor without recompiling.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from dropblock_inject.op.geometry import (
+    GAMMA_MODES,
+    SEED_REGIONS,
+    BlockGeometry,
+    block_geometry,
+    max_seeds,
+)
+from dropblock_inject.op.sampling import block_rows, fill_rows, row_units, sample_seed_gaps, seed_positions
+
+__all__ = ["drop_block", "drop_block_traceable"]
+
+_EPS = 1e-7
+_NEWTON_STEPS = 40
+_COUNT_GROUP = 255 * 8  # bytes per group of _count_dropped
+BlockSize = int | Sequence[int]
+
+
+def drop_block(
+    x: torch.Tensor,
+    drop_prob: float,
+    block_size: BlockSize,
+    *,
+    gamma_scale: float = 1.0,
+    shared_channels: bool = False,
+    gamma: str = "paper",
+    seed_region: str = "valid",
+    training: bool = True,
+    generator: torch.Generator | None = None,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """DropBlock (Ghiasi et al., 2018): zero random contiguous blocks and rescale the rest.
+
+    Seeds fall with rate ``gamma`` on the positions where a whole block fits (the paper's valid
+    region), each with its own mask per channel, and every seed zeroes the block it anchors. The
+    kept units are rescaled by ``numel / kept`` (counted in float32), so the expected value is
+    preserved; the output has the input's dtype and memory format.
+
+    Args:
+        x: Input of shape ``(N, C, H, W)`` or ``(N, C, D, H, W)``.
+        drop_prob: Target fraction of dropped units, in ``[0, 1]``.
+        block_size: Block side, or one size per spatial dimension (rectangular or cuboid
+            blocks). Each side is clipped to the feature size; even sizes are fine.
+        gamma_scale: Multiplies the drop rate (timm's ``gamma_scale``; e.g. 0.25 for ResNet
+            group 3 in the TF reference). The op aims at ``drop_prob * gamma_scale``.
+        shared_channels: One mask per sample shared by all channels (faster, not the paper).
+        gamma: ``"paper"`` uses Eq. 1 of the paper, which ignores block overlaps and so drops
+            slightly less than asked; ``"calibrated"`` solves for the seed rate whose expected
+            dropped fraction, overlaps and edges counted, is exactly the target.
+        seed_region: ``"valid"`` (the paper: only where the whole block fits) or ``"full"``
+            (seeds anywhere, blocks centred on them and truncated at the edges).
+        training: When False the op is the identity.
+        generator: Optional ``torch.Generator`` for reproducible masks.
+        inplace: Modify ``x`` in place.
+
+    Returns:
+        A tensor of the shape, dtype and memory format of ``x``; ``x`` itself (the same object)
+        when ``training`` is False or the rate is 0.
+
+    Raises:
+        ValueError: ``drop_prob`` outside ``[0, 1]``, a block size below 1, a block tuple of the
+            wrong length, an input that is not 4-D or 5-D, or an unknown ``gamma``/``seed_region``.
+        TypeError: ``block_size`` is not an int or a tuple of ints.
+
+    Example:
+        >>> x = torch.randn(8, 64, 14, 14)
+        >>> y = drop_block(x, drop_prob=0.1, block_size=7)
+        >>> y.shape
+        torch.Size([8, 64, 14, 14])
+        >>> drop_block(x, 0.1, 7, training=False) is x
+        True
+    """
+    block = validate_args(drop_prob, block_size, gamma_scale, gamma, seed_region)
+    block = _block_for(x, block)
+    rate = drop_prob * gamma_scale
+    if not training or rate == 0.0:
+        return x
+    geom = block_geometry(tuple(x.shape[2:]), block, seed_region)
+    if torch.compiler.is_compiling():
+        return drop_block_traceable(x, rate, geom, shared_channels, gamma, max_rate=rate, generator=generator)
+    return _DropBlockFunction.apply(x, rate, geom, shared_channels, gamma, generator, inplace)
+
+
+def validate_args(
+    drop_prob: float, block_size: BlockSize, gamma_scale: float, gamma: str, seed_region: str
+) -> tuple[int, ...]:
+    """Check the op's settings; returns the block size as a tuple (length 1 for an int)."""
+    if isinstance(drop_prob, bool) or not isinstance(drop_prob, (int, float)):
+        raise TypeError(f"drop_prob must be a float in [0, 1], got {drop_prob!r}")
+    if not 0.0 <= drop_prob <= 1.0:
+        raise ValueError(f"drop_prob must be in [0, 1], got {drop_prob}")
+    if isinstance(gamma_scale, bool) or not isinstance(gamma_scale, (int, float)) or gamma_scale < 0:
+        raise ValueError(f"gamma_scale must be a non-negative number, got {gamma_scale!r}")
+    if gamma not in GAMMA_MODES:
+        raise ValueError(f"gamma must be one of {GAMMA_MODES}, got {gamma!r}")
+    if seed_region not in SEED_REGIONS:
+        raise ValueError(f"seed_region must be one of {SEED_REGIONS}, got {seed_region!r}")
+    return _as_block_tuple(block_size)
+
+
+def _as_block_tuple(block_size: BlockSize) -> tuple[int, ...]:
+    sizes = (block_size,) if isinstance(block_size, int) and not isinstance(block_size, bool) else block_size
+    if (
+        not isinstance(sizes, (tuple, list))
+        or not sizes
+        or any(isinstance(k, bool) or not isinstance(k, int) for k in sizes)
+    ):
+        raise TypeError(f"block_size must be an int or a tuple of ints, got {block_size!r}")
+    if any(k < 1 for k in sizes):
+        raise ValueError(f"block_size must be >= 1 in every dimension, got {block_size!r}")
+    if len(sizes) not in (1, 2, 3):
+        raise ValueError(f"block_size must have 1, 2 or 3 entries, got {len(sizes)} in {block_size!r}")
+    return tuple(sizes)
+
+
+def _block_for(x: torch.Tensor, block: tuple[int, ...]) -> tuple[int, ...]:
+    """Broadcast the block to the input's spatial rank, checking both."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"drop_block expects a torch.Tensor, got {type(x).__name__}")
+    if x.dim() not in (4, 5):
+        raise ValueError(
+            f"drop_block expects a 4-D (N, C, H, W) or 5-D (N, C, D, H, W) input, got shape {tuple(x.shape)}"
+        )
+    ndim = x.dim() - 2
+    if len(block) == 1:
+        return block * ndim
+    if len(block) != ndim:
+        raise ValueError(f"block_size {block} has {len(block)} entries but the input has {ndim} spatial dimensions")
+    return block
+
+
+def _storage_view(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D view of a dense tensor's elements in storage order."""
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    if t.dim() == 5:
+        return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last_3d)
+    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _num_seed_positions(x: torch.Tensor, geom: BlockGeometry, shared: bool) -> tuple[tuple[int, int], int]:
+    batch = (x.shape[0], 1 if shared else x.shape[1])
+    return batch, batch[0] * batch[1] * math.prod(geom.seed_grid)
+
+
+def _shared_strides(x: torch.Tensor) -> tuple[int, ...]:
+    """Strides of the contiguous ``(N, 1, *spatial)`` mask of the shared-channel mode."""
+    spatial = x.shape[2:]
+    strides = [1]
+    for size in reversed(spatial[1:]):
+        strides.insert(0, strides[0] * size)
+    plane = math.prod(spatial)
+    return (plane, plane, *strides)
+
+
+def _new_dropped_map(numel: int, device: torch.device) -> torch.Tensor:
+    """A zeroed ``bool`` map of ``numel`` units, padded to whole groups of 255 8-byte words."""
+    return torch.zeros(-(-numel // _COUNT_GROUP) * _COUNT_GROUP, dtype=torch.bool, device=device)
+
+
+def _count_dropped(dropped: torch.Tensor) -> torch.Tensor:
+    """Number of True entries of a padded map from :func:`_new_dropped_map`, as a 0-d int64.
+
+    Every byte is 0 or 1, so summing 255 int64 words adds each byte lane without a carry; the
+    lane sums are then bytes again. 4-5x faster than ``count_nonzero`` on CPU.
+    """
+    lanes = dropped.view(torch.int64).view(-1, 255).sum(1)
+    return lanes.view(torch.uint8).sum()
+
+
+def _rescale(numel: int, dropped_count: torch.Tensor) -> torch.Tensor:
+    """``numel / kept`` as a 0-d float32 tensor, ``kept`` counted in float32 (no host sync)."""
+    return numel / ((numel - dropped_count).to(torch.float32) + _EPS)
+
+
+class _DropBlockFunction(torch.autograd.Function):
+    """Eager DropBlock with a lean backward (seeds or a bool map are all it saves)."""
+
+    @staticmethod
+    def forward(ctx, x, rate, geom, shared, mode, generator, inplace):
+        if not _is_dense(x):
+            x = x.contiguous()
+            inplace = False
+        batch, num_pos = _num_seed_positions(x, geom, shared)
+        gamma = geom.seed_rate(rate, mode)
+        pos = seed_positions(num_pos, max_seeds(num_pos, gamma), gamma, device=x.device, generator=generator)
+        strides = _shared_strides(x) if shared else x.stride()
+        rows, width = block_rows(pos, geom, batch, strides)
+        numel = batch[0] * batch[1] * math.prod(geom.spatial)
+        dropped = _new_dropped_map(numel, x.device)
+        fill_rows(dropped, rows, width, strides[-1], True)
+        save_seeds = not shared and pos.numel() * 8 <= numel
+        kept = numel - int(_count_dropped(dropped))
+        scale = numel / kept if kept else 0.0  # nothing kept: the output is all zeros
+        ctx.geom, ctx.batch, ctx.shared, ctx.scale = geom, batch, shared, scale
+        if shared:
+            keep = _shared_keep(dropped[:numel], scale, x)
+            out = x.mul_(keep) if inplace else x * keep
+        else:
+            out = x.mul_(scale) if inplace else x * scale
+            fill_rows(_storage_view(out), rows, width, strides[-1], 0)
+            ctx.x_layout = (x.shape, x.stride())
+        ctx.save_for_backward(pos if save_seeds else dropped[:numel])
+        if inplace:
+            ctx.mark_dirty(x)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (saved,), scale = ctx.saved_tensors, ctx.scale
+        if ctx.shared:
+            return grad * _shared_keep(saved, scale, grad), None, None, None, None, None, None
+        grad = grad * scale
+        if saved.dtype == torch.bool:
+            grad.masked_fill_(saved.as_strided(*ctx.x_layout), 0)
+        else:
+            if not _is_dense(grad):
+                grad = grad.contiguous()
+            rows, width = block_rows(saved, ctx.geom, ctx.batch, grad.stride())
+            fill_rows(_storage_view(grad), rows, width, grad.stride()[-1], 0)
+        return grad, None, None, None, None, None, None
+
+
+def _shared_keep(dropped: torch.Tensor, scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The rescaled keep mask ``(N, 1, *spatial)`` of the shared-channel mode, in ``like``'s dtype."""
+    shape = (like.shape[0], 1, *like.shape[2:])
+    return (~dropped).view(shape).to(like.dtype).mul_(scale)
+
+
+def drop_block_traceable(
+    x: torch.Tensor,
+    rate: float | torch.Tensor,
+    geom: BlockGeometry,
+    shared_channels: bool,
+    gamma: str,
+    *,
+    max_rate: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """DropBlock with static shapes only, for ``torch.compile`` and a tensor ``rate``.
+
+    The same seed distribution as the eager op: ``max_seeds`` geometric gaps for the largest
+    rate ``max_rate``; positions past the grid go to a sink slot that is discarded.
+
+    Args:
+        x: Input ``(N, C, *spatial)``, ``spatial == geom.spatial``.
+        rate: Drop rate (a float or a 0-d tensor, at most ``max_rate``).
+        geom: Block geometry of ``x``.
+        shared_channels: One mask per sample for all channels.
+        gamma: ``"paper"`` or ``"calibrated"``.
+        max_rate: Upper bound of ``rate`` (a float), which sizes the seed sample.
+        generator: Optional ``torch.Generator``.
+
+    Returns:
+        The output, a new tensor.
+    """
+    if not _is_dense(x):
+        x = x.contiguous()
+    batch, num_pos = _num_seed_positions(x, geom, shared_channels)
+    seed_rate = _seed_rate_tensor(geom, rate, gamma) if isinstance(rate, torch.Tensor) else geom.seed_rate(rate, gamma)
+    num_draws = max_seeds(num_pos, geom.seed_rate(max_rate, gamma))
+    pos = sample_seed_gaps(num_draws, seed_rate, device=x.device, generator=generator)
+    real = pos < num_pos
+    pos = pos.clamp(max=num_pos - 1).to(torch.int64)
+    strides = _shared_strides(x) if shared_channels else x.stride()
+    numel = batch[0] * batch[1] * math.prod(geom.spatial)
+    rows, width = block_rows(pos, geom, batch, strides)
+    idx = torch.where(real[:, None], row_units(rows, width, strides[-1]), numel).reshape(-1)
+    dropped = torch.zeros(numel + 1, dtype=torch.bool, device=x.device).index_fill(0, idx, True)[:numel]
+    scale = _rescale(numel, dropped.sum()).to(x.dtype)
+    shape = (x.shape[0], 1, *x.shape[2:])
+    mask = dropped.view(shape) if shared_channels else dropped.as_strided(x.shape, x.stride())
+    return torch.where(mask, torch.zeros((), dtype=x.dtype, device=x.device), x * scale)
+
+
+def _seed_rate_tensor(geom: BlockGeometry, rate: torch.Tensor, mode: str) -> torch.Tensor:
+    """``geom.seed_rate`` for a tensor rate, in tensor ops only (Newton for ``"calibrated"``)."""
+    rate = rate.to(torch.float64).clamp(0.0, 1.0)
+    if mode != "calibrated":
+        return (rate * geom.paper_slope).clamp(max=1.0)
+    n = torch.tensor([c[0] for c in geom.coverage], dtype=torch.float64, device=rate.device)
+    w = torch.tensor([c[1] for c in geom.coverage], dtype=torch.float64, device=rate.device)
+    keep = 1.0 - rate.clamp(max=1.0 - 1e-12)
+    # Newton on lambda = -log(1 - gamma): f(lambda) = sum(w * exp(-n * lambda)) - keep is convex
+    # and decreasing, so the iterates rise monotonically from 0 to the root, never past it.
+    lam = torch.zeros_like(rate)
+    for _ in range(_NEWTON_STEPS):
+        e = w * torch.exp(-n * lam)
+        lam = lam + (e.sum() - keep) / (n * e).sum()
+    return -torch.expm1(-lam)

@@ -1,0 +1,396 @@
+"""The DropBlock op: semantics, statistics, edge cases, dtypes, layouts, gradients, bad input.
+
+Statistical tests are seeded (see conftest) and state their tolerance; each tolerance is at
+least 4 standard deviations of the measured quantity at the sample size used.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import drop_fraction
+from dropblock_inject import drop_block
+from dropblock_inject.op.functional import drop_block_traceable
+from dropblock_inject.op.geometry import block_geometry
+from dropblock_inject.op.sampling import sample_seed_gaps
+
+
+def mean_fraction(shape, block, draws, **kw) -> float:
+    x = torch.ones(shape)
+    return sum(drop_fraction(drop_block(x, 0.1, block, **kw)) for _ in range(draws)) / draws
+
+
+def is_union_of_blocks(dropped: torch.Tensor, block: tuple[int, ...]) -> bool:
+    """True when every dropped unit lies in a fully dropped block that fits in the map.
+
+    ``dropped``: ``(P, *spatial)`` float 0/1. A window is "full" when all its units are dropped
+    (a min-pool); dilating the full windows back must give the dropped map exactly.
+    """
+    pool = F.max_pool2d if dropped.dim() == 3 else F.max_pool3d
+    full = -pool(-dropped, block, stride=1)
+    pad = [p for k in reversed(block) for p in (k - 1, k - 1)]
+    return torch.equal(pool(F.pad(full, pad), block, stride=1), dropped)
+
+
+def reference_drop_block(x: torch.Tensor, p: float, k: int) -> torch.Tensor:
+    """The paper, written naively: Bernoulli seeds on the valid region, max-pool dilation."""
+    n, c, h, w = x.shape
+    gamma = block_geometry((h, w), (k, k)).paper_gamma(p)
+    seeds = (torch.rand(n, c, h - k + 1, w - k + 1) < gamma).float()
+    mask = 1 - F.max_pool2d(F.pad(seeds, [k - 1] * 4), k, stride=1)
+    return x * mask * mask.numel() / mask.sum()
+
+
+class TestIdentity:
+    def test_eval_and_zero_rate_return_the_input_object(self) -> None:
+        x = torch.randn(2, 3, 8, 8)
+        assert drop_block(x, 0.1, 3, training=False) is x
+        assert drop_block(x, 0.0, 3) is x
+        assert drop_block(x, 0.5, 3, gamma_scale=0.0) is x
+
+    @pytest.mark.parametrize("shared", [False, True])
+    def test_calibrated_rate_one_drops_everything_without_nan(self, shared) -> None:
+        # (Eq. 1 is only approximate: at drop_prob=1 its gamma is 0.2 here, so "paper" keeps units)
+        out = drop_block(
+            torch.randn(2, 3, 8, 8, dtype=torch.float16), 1.0, 3, gamma="calibrated", shared_channels=shared
+        )
+        assert torch.equal(out, torch.zeros_like(out))
+
+
+class TestDropRate:
+    @pytest.mark.parametrize(
+        ("shape", "block", "draws"),
+        [
+            ((8, 64, 56, 56), 7, 4),
+            ((32, 256, 14, 14), 7, 10),
+            ((32, 256, 14, 14), 5, 10),
+            ((64, 256, 7, 7), 3, 10),
+            ((64, 256, 7, 7), 7, 20),
+            ((32, 256, 13, 9), 4, 10),
+            ((8, 64, 8, 14, 14), 5, 10),
+        ],
+    )
+    def test_calibrated_matches_drop_prob_within_3_percent(self, shape, block, draws) -> None:
+        assert mean_fraction(shape, block, draws, gamma="calibrated") == pytest.approx(0.1, rel=0.03)
+
+    @pytest.mark.parametrize(("shape", "block"), [((32, 256, 14, 14), 7), ((64, 256, 7, 7), 3), ((32, 256, 13, 9), 4)])
+    @pytest.mark.parametrize("region", ["valid", "full"])
+    def test_paper_mode_realises_its_expected_fraction(self, shape, block, region) -> None:
+        geom = block_geometry(shape[2:], (block, block), region)
+        expected = geom.expected_drop(geom.paper_gamma(0.1))
+        assert mean_fraction(shape, block, 10, seed_region=region) == pytest.approx(expected, rel=0.03)
+
+    def test_paper_mode_is_the_tf_reference_not_timm(self) -> None:
+        # TF reference: .088 at 14x14/7 and .104 at 7x7/7; timm and Paddle drop .21 and .93.
+        assert 0.08 < mean_fraction((32, 256, 14, 14), 7, 10) < 0.1
+        assert 0.09 < mean_fraction((64, 256, 7, 7), 7, 20) < 0.11
+
+    def test_calibrated_full_region(self) -> None:
+        assert mean_fraction((32, 256, 14, 14), 7, 10, gamma="calibrated", seed_region="full") == pytest.approx(
+            0.1, rel=0.03
+        )
+
+    def test_gamma_scale_scales_the_rate(self) -> None:
+        x = torch.ones(32, 256, 14, 14)
+        frac = sum(drop_fraction(drop_block(x, 0.4, 5, gamma_scale=0.25, gamma="calibrated")) for _ in range(10)) / 10
+        assert frac == pytest.approx(0.1, rel=0.03)
+
+    def test_matches_a_naive_reference_implementation(self) -> None:
+        x = torch.ones(32, 128, 14, 14)
+        ours = torch.tensor([drop_fraction(drop_block(x, 0.1, 5)) for _ in range(30)])
+        ref = torch.tensor([drop_fraction(reference_drop_block(x, 0.1, 5)) for _ in range(30)])
+        # each sample's sd is about 0.0006; the difference of two means of 30 is under 0.0002
+        assert abs(ours.mean() - ref.mean()) < 0.001
+        assert ours.std() == pytest.approx(ref.std().item(), rel=0.5)
+
+
+class TestMaskStructure:
+    @pytest.mark.parametrize(
+        ("spatial", "block"),
+        [
+            ((14, 14), (7, 7)),
+            ((7, 7), (3, 3)),
+            ((13, 9), (4, 4)),
+            ((14, 14), (6, 6)),
+            ((12, 10), (3, 5)),
+            ((5, 9), (7, 7)),
+        ],
+    )
+    def test_dropped_regions_are_unions_of_whole_blocks(self, spatial, block) -> None:
+        out = drop_block(torch.ones(4, 16, *spatial), 0.2, block)
+        dropped = (out == 0).float().flatten(0, 1)
+        clipped = tuple(min(k, s) for k, s in zip(block, spatial))
+        assert dropped.any()
+        assert is_union_of_blocks(dropped, clipped)
+
+    def test_3d_dropped_regions_are_whole_cuboids(self) -> None:
+        out = drop_block(torch.ones(2, 8, 8, 14, 14), 0.2, (3, 5, 5))
+        assert is_union_of_blocks((out == 0).float().flatten(0, 1), (3, 5, 5))
+
+    def test_masks_are_independent_across_channels_by_default(self) -> None:
+        out = drop_block(torch.ones(64, 64, 14, 14), 0.2, 3)
+        d = (out == 0).float()
+        # co-dropping of two channels of one sample vs one channel of two samples (independent
+        # by construction); both share the valid region's spatial profile
+        across_channels = (d[:, 0::2] * d[:, 1::2]).mean().item()
+        across_samples = (d[0::2] * d[1::2]).mean().item()
+        assert across_channels == pytest.approx(across_samples, rel=0.1)
+
+    def test_shared_channels_share_one_mask(self) -> None:
+        out = drop_block(torch.ones(8, 32, 14, 14), 0.2, 3, shared_channels=True)
+        d = out == 0
+        assert d.any()
+        assert torch.equal(d, d[:, :1].expand_as(d))
+
+    def test_rescale_preserves_the_mean_exactly(self) -> None:
+        for shared in (False, True):
+            out = drop_block(torch.ones(8, 32, 14, 14), 0.2, 5, shared_channels=shared)
+            assert out.double().mean().item() == pytest.approx(1.0, abs=1e-5)
+            kept = out[out != 0]
+            assert torch.allclose(kept, kept[0].expand_as(kept))
+
+    def test_block_size_one_is_dropout(self) -> None:
+        out = drop_block(torch.ones(64, 64, 14, 14), 0.3, 1)
+        d = (out == 0).float()
+        assert d.mean().item() == pytest.approx(0.3, rel=0.01)
+        # neighbours are independent, as in dropout
+        assert (d[..., 1:] * d[..., :-1]).mean().item() == pytest.approx(0.09, rel=0.03)
+
+    @pytest.mark.parametrize("block", [7, 9, (7, 7)])
+    def test_block_covering_the_map_drops_whole_channels(self, block) -> None:
+        out = drop_block(torch.ones(256, 64, 7, 7), 0.3, block)
+        per_channel = (out == 0).float().mean(dim=(2, 3))
+        assert set(per_channel.unique().tolist()) <= {0.0, 1.0}
+        assert per_channel.mean().item() == pytest.approx(0.3, rel=0.03)
+
+    def test_full_region_blocks_are_centred_and_truncated(self) -> None:
+        out = drop_block(torch.ones(64, 32, 9, 9), 0.2, 5, seed_region="full")
+        d = (out == 0).float()
+        assert d[..., 0, :].mean() > 0  # seeds on the edge: truncated blocks reach the border
+        # the border is covered by fewer seeds than the centre
+        assert d[..., 0, 0].mean() < d[..., 4, 4].mean()
+
+    def test_valid_region_never_produces_partial_blocks_at_the_edges(self) -> None:
+        out = drop_block(torch.ones(64, 32, 9, 9), 0.2, 5)
+        assert is_union_of_blocks((out == 0).float().flatten(0, 1), (5, 5))
+
+
+class TestSeedSampler:
+    @pytest.mark.parametrize("gamma", [0.002, 0.05, 0.5])
+    def test_seed_count_is_binomial(self, gamma) -> None:
+        n = 20_000
+        counts = torch.tensor(
+            [
+                float((sample_seed_gaps(int(n * gamma * 2 + 200), gamma, device=torch.device("cpu")) < n).sum())
+                for _ in range(400)
+            ]
+        )
+        mean, var = n * gamma, n * gamma * (1 - gamma)
+        assert counts.mean().item() == pytest.approx(mean, abs=5 * math.sqrt(var / 400))
+        assert counts.var().item() == pytest.approx(var, rel=0.25)
+
+    def test_seed_positions_are_uniform_and_distinct(self) -> None:
+        n, gamma, bins = 10_000, 0.01, 10
+        hist = torch.zeros(bins)
+        for _ in range(300):
+            pos = sample_seed_gaps(400, gamma, device=torch.device("cpu"))
+            pos = pos[pos < n]
+            assert (pos[1:] > pos[:-1]).all()
+            hist += torch.histc(pos, bins, 0, n)
+        expected = hist.sum() / bins
+        chi2 = ((hist - expected) ** 2 / expected).sum().item()
+        assert chi2 < 27.9  # 99.9 % quantile of chi-square with 9 degrees of freedom
+
+    def test_tensor_gamma_matches_float_gamma(self) -> None:
+        g = torch.Generator().manual_seed(3)
+        a = sample_seed_gaps(100, 0.01, device=torch.device("cpu"), generator=g)
+        g.manual_seed(3)
+        b = sample_seed_gaps(100, torch.tensor(0.01), device=torch.device("cpu"), generator=g)
+        assert torch.equal(a, b)
+
+
+class TestTraceablePath:
+    @pytest.mark.parametrize("shared", [False, True])
+    @pytest.mark.parametrize("mode", ["paper", "calibrated"])
+    def test_same_distribution_as_the_eager_path(self, shared, mode) -> None:
+        x = torch.ones(16, 64, 14, 14)
+        geom = block_geometry((14, 14), (5, 5))
+        eager = torch.tensor(
+            [drop_fraction(drop_block(x, 0.1, 5, shared_channels=shared, gamma=mode)) for _ in range(60)]
+        )
+        rate = torch.tensor(0.1)
+        traced = torch.tensor(
+            [drop_fraction(drop_block_traceable(x, rate, geom, shared, mode, max_rate=0.1)) for _ in range(60)]
+        )
+        sd = max(eager.std().item(), traced.std().item())
+        assert abs(eager.mean() - traced.mean()) < 5 * sd / math.sqrt(60)
+        assert traced.std().item() == pytest.approx(eager.std().item(), rel=0.4)
+
+    def test_masks_are_whole_blocks_and_rescaled(self) -> None:
+        x = torch.ones(4, 16, 13, 9)
+        out = drop_block_traceable(x, torch.tensor(0.2), block_geometry((13, 9), (4, 4)), False, "paper", max_rate=0.2)
+        assert is_union_of_blocks((out == 0).float().flatten(0, 1), (4, 4))
+        assert out.mean().item() == pytest.approx(1.0, abs=1e-5)
+
+    def test_zero_tensor_rate_drops_nothing(self) -> None:
+        x = torch.randn(4, 16, 14, 14)
+        out = drop_block_traceable(
+            x, torch.tensor(0.0), block_geometry((14, 14), (7, 7)), False, "calibrated", max_rate=0.1
+        )
+        assert torch.equal(out, x)
+
+
+class TestEdgeCases:
+    @pytest.mark.parametrize(
+        ("shape", "block"),
+        [
+            ((2, 4, 14, 14), 4),
+            ((2, 4, 13, 9), 6),
+            ((2, 4, 3, 5), 7),
+            ((2, 4, 1, 1), 3),
+            ((2, 4, 6, 6), 7),
+            ((2, 4, 14, 14), (1, 7)),
+        ],
+    )
+    @pytest.mark.parametrize("region", ["valid", "full"])
+    @pytest.mark.parametrize("mode", ["paper", "calibrated"])
+    def test_shapes_and_no_nan(self, shape, block, region, mode) -> None:
+        x = torch.randn(shape)
+        out = drop_block(x, 0.3, block, seed_region=region, gamma=mode)
+        assert out.shape == x.shape
+        assert torch.isfinite(out).all()
+
+    def test_5d_input(self) -> None:
+        x = torch.ones(2, 8, 8, 14, 14)
+        out = drop_block(x, 0.1, 5, gamma="calibrated")
+        assert out.shape == x.shape
+        assert torch.isfinite(out).all()
+
+    def test_non_contiguous_input(self) -> None:
+        x = torch.ones(4, 16, 14, 28)[..., ::2]
+        out = drop_block(x, 0.2, 3)
+        assert out.shape == x.shape
+        assert is_union_of_blocks((out == 0).float().flatten(0, 1), (3, 3))
+
+
+class TestDtypeLayoutDevice:
+    def test_float16_with_millions_of_kept_units_is_not_zeros(self) -> None:
+        # torchvision sums the mask in fp16: above 65504 kept units the output is all zeros
+        x = torch.ones(64, 256, 14, 14, dtype=torch.float16)
+        out = drop_block(x, 0.1, 7)
+        assert out.dtype == torch.float16
+        assert out.float().mean().item() == pytest.approx(1.0, rel=1e-3)
+        assert 0.05 < drop_fraction(out) < 0.15
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+    def test_other_dtypes(self, dtype) -> None:
+        out = drop_block(torch.ones(32, 64, 14, 14, dtype=dtype), 0.1, 5, gamma="calibrated")
+        assert out.dtype == dtype
+        assert drop_fraction(out) == pytest.approx(0.1, rel=0.1)
+
+    @pytest.mark.parametrize("shared", [False, True])
+    def test_channels_last_is_preserved_and_gives_the_same_mask(self, shared) -> None:
+        x = torch.randn(4, 16, 14, 14)
+        xc = x.to(memory_format=torch.channels_last)
+        a = drop_block(x, 0.2, 5, shared_channels=shared, generator=torch.Generator().manual_seed(1))
+        b = drop_block(xc, 0.2, 5, shared_channels=shared, generator=torch.Generator().manual_seed(1))
+        assert b.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(a, b)
+
+    def test_channels_last_3d_is_preserved(self) -> None:
+        x = torch.randn(2, 8, 4, 10, 10).to(memory_format=torch.channels_last_3d)
+        out = drop_block(x, 0.2, 3)
+        assert out.is_contiguous(memory_format=torch.channels_last_3d)
+
+    def test_generator_makes_masks_reproducible(self) -> None:
+        x = torch.randn(4, 16, 14, 14)
+        a = drop_block(x, 0.2, 5, generator=torch.Generator().manual_seed(7))
+        b = drop_block(x, 0.2, 5, generator=torch.Generator().manual_seed(7))
+        c = drop_block(x, 0.2, 5, generator=torch.Generator().manual_seed(8))
+        assert torch.equal(a, b)
+        assert not torch.equal(a, c)
+
+
+class TestAutograd:
+    @pytest.mark.parametrize("shared", [False, True])
+    @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+    def test_gradient_is_zero_where_dropped_and_scaled_elsewhere(self, shared, layout) -> None:
+        x = torch.randn(4, 16, 14, 14).to(memory_format=layout).requires_grad_()
+        out = drop_block(x, 0.2, 5, shared_channels=shared)
+        g = torch.randn_like(out)
+        out.backward(g)
+        factor = out.detach() / x.detach()
+        assert torch.allclose(x.grad, g * factor, atol=1e-6)
+
+    def test_gradient_of_the_dense_map_path(self) -> None:
+        # dropout-like settings save the bool map instead of the seeds
+        x = torch.randn(4, 16, 14, 14, requires_grad=True)
+        out = drop_block(x, 0.5, 1)
+        out.sum().backward()
+        assert torch.allclose(x.grad, out.detach() / x.detach(), atol=1e-6)
+
+    @pytest.mark.parametrize(("p", "block", "shared"), [(0.1, 7, False), (0.5, 1, False), (0.1, 7, True)])
+    def test_backward_saves_at_most_one_byte_per_unit_and_nothing_that_needs_grad(self, p, block, shared) -> None:
+        saved: list[torch.Tensor] = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved.append(t)
+            return t
+
+        x = torch.randn(8, 64, 14, 14, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = drop_block(x, p, block, shared_channels=shared)
+        nbytes = sum(t.numel() * t.element_size() for t in saved)
+        assert nbytes <= x.numel()
+        assert not any(t.requires_grad or t.is_floating_point() for t in saved)
+        out.sum().backward()
+
+    def test_inplace_then_inplace_activation(self) -> None:
+        x = torch.randn(4, 16, 14, 14, requires_grad=True)
+        h = x * 1.0
+        out = drop_block(h, 0.2, 5, inplace=True)
+        assert out is h
+        F.relu_(out)
+        out.sum().backward()
+        assert x.grad is not None
+        assert torch.equal(x.grad == 0, (out == 0))
+
+
+class TestValidation:
+    @pytest.mark.parametrize("p", [-0.1, 1.5, float("nan")])
+    def test_drop_prob_out_of_range(self, p) -> None:
+        with pytest.raises(ValueError, match="drop_prob"):
+            drop_block(torch.randn(1, 1, 4, 4), p, 3)
+
+    def test_drop_prob_wrong_type(self) -> None:
+        with pytest.raises(TypeError, match="drop_prob"):
+            drop_block(torch.randn(1, 1, 4, 4), "0.1", 3)
+
+    @pytest.mark.parametrize("block", [0, -3, (3, 0)])
+    def test_block_size_below_one(self, block) -> None:
+        with pytest.raises(ValueError, match="block_size"):
+            drop_block(torch.randn(1, 1, 4, 4), 0.1, block)
+
+    @pytest.mark.parametrize("block", [2.5, "3", None, (3, 2.0), True])
+    def test_block_size_wrong_type(self, block) -> None:
+        with pytest.raises(TypeError, match="block_size"):
+            drop_block(torch.randn(1, 1, 4, 4), 0.1, block)
+
+    def test_block_tuple_of_wrong_length(self) -> None:
+        with pytest.raises(ValueError, match="3 entries"):
+            drop_block(torch.randn(1, 1, 4, 4), 0.1, (3, 3, 3))
+
+    @pytest.mark.parametrize("shape", [(4, 4), (1, 4, 4), (1, 1, 1, 4, 4, 4)])
+    def test_input_rank(self, shape) -> None:
+        with pytest.raises(ValueError, match="4-D"):
+            drop_block(torch.randn(shape), 0.1, 3)
+
+    def test_unknown_modes(self) -> None:
+        with pytest.raises(ValueError, match="gamma"):
+            drop_block(torch.randn(1, 1, 4, 4), 0.1, 3, gamma="exact")
+        with pytest.raises(ValueError, match="seed_region"):
+            drop_block(torch.randn(1, 1, 4, 4), 0.1, 3, seed_region="edge")

@@ -1,0 +1,108 @@
+"""``DropBlock``: settings, eval identity, the schedule buffer, torch.fx and torch.compile."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.fx as fx
+from torch import nn
+
+from conftest import drop_fraction
+from dropblock_inject import DropBlock
+
+
+class LeafTracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, DropBlock) or super().is_leaf_module(m, qualname)
+
+
+class TestDropBlockModule:
+    def test_extra_repr(self) -> None:
+        assert repr(DropBlock(0.1, 7)) == "DropBlock(drop_prob=0.1, block_size=7)"
+        text = repr(DropBlock(0.2, (3, 5), gamma_scale=0.25, shared_channels=True, gamma="calibrated"))
+        assert "block_size=(3, 5)" in text and "gamma_scale=0.25" in text
+        assert "shared_channels=True" in text and "gamma='calibrated'" in text
+
+    def test_eval_and_zero_rate_return_the_input_object(self) -> None:
+        x = torch.randn(2, 4, 8, 8)
+        assert DropBlock(0.1, 3).eval()(x) is x
+        assert DropBlock(0.0, 3)(x) is x
+        m = DropBlock(0.1, 3)
+        m.factor.fill_(0.0)
+        assert m(x) is x
+
+    def test_factor_scales_the_rate_and_adds_no_state(self) -> None:
+        m = DropBlock(0.2, 5, gamma="calibrated")
+        assert m.state_dict() == {}
+        assert "factor" in dict(m.named_buffers())
+        x = torch.ones(32, 64, 14, 14)
+        full = sum(drop_fraction(m(x)) for _ in range(5)) / 5
+        m.factor.fill_(0.5)
+        half = sum(drop_fraction(m(x)) for _ in range(5)) / 5
+        assert full == pytest.approx(0.2, rel=0.05)
+        assert half == pytest.approx(0.1, rel=0.05)
+
+    def test_validates_its_settings(self) -> None:
+        with pytest.raises(ValueError, match="drop_prob"):
+            DropBlock(1.5, 3)
+        with pytest.raises(TypeError, match="block_size"):
+            DropBlock(0.1, 2.0)
+        with pytest.raises(ValueError, match="gamma"):
+            DropBlock(0.1, 3, gamma="nope")
+
+    def test_5d(self) -> None:
+        out = DropBlock(0.1, (3, 5, 5))(torch.ones(2, 8, 8, 14, 14))
+        assert out.shape == (2, 8, 8, 14, 14)
+
+    def test_deepcopy_pickle_and_to(self) -> None:
+        m = DropBlock(0.1, 5)
+        m.factor.fill_(0.3)
+        for clone in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+            assert clone.factor.item() == pytest.approx(0.3)
+            assert clone.drop_prob == 0.1
+        assert m.to(torch.float64).factor.dtype == torch.float64
+
+    def test_traces_as_a_single_leaf_node(self) -> None:
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), DropBlock(0.1, 3), nn.ReLU())
+        graph = LeafTracer().trace(model)
+        targets = [n.target for n in graph.nodes if n.op == "call_module"]
+        assert targets == ["0", "1", "2"]
+        gm = fx.GraphModule(model, graph)
+        x = torch.randn(2, 3, 12, 12)
+        assert torch.equal(gm.eval()(x), model.eval()(x))
+
+
+@pytest.mark.slow
+class TestCompile:
+    def _model(self) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), DropBlock(0.1, 5), nn.ReLU())
+
+    def test_fullgraph_train_and_eval_without_recompiling_when_the_rate_changes(self) -> None:
+        from torch._dynamo.testing import CompileCounterWithBackend
+
+        torch._dynamo.reset()
+        model = self._model()
+        counter = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(model, backend=counter, fullgraph=True)
+        x = torch.randn(4, 8, 14, 14, requires_grad=True)
+        compiled(x).sum().backward()
+        for factor in (0.5, 0.25, 1.0):
+            model[1].factor.fill_(factor)
+            compiled(x).sum().backward()
+        assert counter.frame_count == 1
+        model.eval()
+        assert torch.equal(compiled(x), model(x))
+
+    def test_inductor_drops_the_scheduled_rate(self) -> None:
+        torch._dynamo.reset()
+        m = DropBlock(0.2, 5, gamma="calibrated")
+        compiled = torch.compile(m, fullgraph=True)
+        x = torch.ones(32, 64, 14, 14)
+        assert sum(drop_fraction(compiled(x)) for _ in range(5)) / 5 == pytest.approx(0.2, rel=0.05)
+        m.factor.fill_(0.5)
+        assert sum(drop_fraction(compiled(x)) for _ in range(5)) / 5 == pytest.approx(0.1, rel=0.05)
+        out = compiled(x)
+        assert out.mean().item() == pytest.approx(1.0, abs=1e-4)

@@ -1,0 +1,89 @@
+"""``DropBlockSchedule``: the ramps, the global step and checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from torch import nn
+
+from dropblock_inject import DropBlock, DropBlockSchedule
+
+
+def model() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, 8, 3), DropBlock(0.1, 3), nn.ReLU(), DropBlock(0.2, 3, gamma_scale=0.5))
+
+
+class TestDropBlockSchedule:
+    def test_linear_ramp_from_zero_to_each_target(self) -> None:
+        net = model()
+        sched = DropBlockSchedule(net, total_steps=10)
+        assert sched.rates() == [0.0, 0.0]
+        for _ in range(5):
+            sched.step()
+        assert sched.rates() == pytest.approx([0.05, 0.05])
+        for _ in range(20):
+            sched.step()
+        assert sched.rates() == pytest.approx([0.1, 0.1])  # constant after total_steps
+
+    def test_warmup_and_start(self) -> None:
+        sched = DropBlockSchedule(model(), total_steps=20, warmup_steps=10, start=0.02)
+        sched.step_update(5)
+        assert sched.rates() == pytest.approx([0.02, 0.02])
+        sched.step_update(15)
+        assert sched.rates() == pytest.approx([0.06, 0.06])
+
+    def test_cosine_constant_and_callable(self) -> None:
+        cos = DropBlockSchedule(model(), total_steps=10, kind="cosine")
+        cos.step_update(5)
+        assert cos.progress() == pytest.approx(0.5)
+        cos.step_update(2)
+        assert cos.progress() == pytest.approx(0.5 * (1 - math.cos(math.pi * 0.2)))
+        const = DropBlockSchedule(model(), total_steps=10, kind="constant")
+        assert const.rates() == pytest.approx([0.1, 0.1])
+        custom = DropBlockSchedule(model(), total_steps=10, kind=lambda step: min(step / 4, 1.0))
+        custom.step_update(2)
+        assert custom.rates() == pytest.approx([0.05, 0.05])
+
+    def test_callable_out_of_range(self) -> None:
+        with pytest.raises(ValueError, match="progress"):
+            DropBlockSchedule(model(), total_steps=10, kind=lambda step: 2.0)
+
+    def test_state_dict_resumes_at_the_same_rate(self) -> None:
+        sched = DropBlockSchedule(model(), total_steps=100)
+        for _ in range(30):
+            sched.step()
+        state = sched.state_dict()
+        fresh_model = model()
+        resumed = DropBlockSchedule(fresh_model, total_steps=100)
+        resumed.load_state_dict(state)
+        assert resumed.last_step == 30
+        assert resumed.rates() == pytest.approx(sched.rates())
+
+    def test_step_is_the_global_step_not_forward_calls(self) -> None:
+        import torch
+
+        net = model()
+        sched = DropBlockSchedule(net, total_steps=10)
+        for _ in range(7):
+            net(torch.randn(1, 3, 8, 8))
+        assert sched.rates() == [0.0, 0.0]
+
+    def test_accepts_modules_and_validates(self) -> None:
+        blocks = [DropBlock(0.1, 3)]
+        assert DropBlockSchedule(blocks, total_steps=5).modules == blocks
+        with pytest.raises(ValueError, match="no DropBlock"):
+            DropBlockSchedule(nn.Conv2d(1, 1, 1), total_steps=5)
+        with pytest.raises(TypeError, match="DropBlock"):
+            DropBlockSchedule([nn.ReLU()], total_steps=5)
+        with pytest.raises(ValueError, match="total_steps"):
+            DropBlockSchedule(blocks, total_steps=0)
+        with pytest.raises(ValueError, match="warmup_steps"):
+            DropBlockSchedule(blocks, total_steps=5, warmup_steps=5)
+        with pytest.raises(ValueError, match="kind"):
+            DropBlockSchedule(blocks, total_steps=5, kind="step")
+        with pytest.raises(ValueError, match="start"):
+            DropBlockSchedule(blocks, total_steps=5, start=1.5)
+
+    def test_repr(self) -> None:
+        assert "step=0/10" in repr(DropBlockSchedule(model(), total_steps=10))
