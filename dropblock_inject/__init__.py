@@ -8,9 +8,29 @@ Example:
     torch.Size([2, 4, 14, 14])
 """
 
+from dropblock_inject.api import inject, plan, strip
+from dropblock_inject.errors import DropBlockInjectError, NoSitesError, RecipeError, TraceError, VerificationError
 from dropblock_inject.op import DropBlock, block_geometry, drop_block
+from dropblock_inject.pipeline.plan import Plan, Rules, Site
 from dropblock_inject.schedule import DropBlockSchedule
 
 __version__ = "0.1.0"
 
-__all__ = ["DropBlock", "DropBlockSchedule", "__version__", "block_geometry", "drop_block"]
+__all__ = [
+    "DropBlock",
+    "DropBlockInjectError",
+    "DropBlockSchedule",
+    "NoSitesError",
+    "Plan",
+    "RecipeError",
+    "Rules",
+    "Site",
+    "TraceError",
+    "VerificationError",
+    "__version__",
+    "block_geometry",
+    "drop_block",
+    "inject",
+    "plan",
+    "strip",
+]

@@ -1,0 +1,140 @@
+"""The public calls: ``plan`` (a dry run), ``inject`` (in place) and ``strip``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from dropblock_inject.errors import DropBlockInjectError
+from dropblock_inject.pipeline.analyse import analyse
+from dropblock_inject.pipeline.plan import Plan, Rules, make_plan
+from dropblock_inject.pipeline.rewrite import apply_plan, strip_model
+from dropblock_inject.pipeline.trace import LeafSpec
+
+__all__ = ["inject", "plan", "strip"]
+
+
+def plan(
+    model: nn.Module,
+    recipe: Rules | None = None,
+    *,
+    input_size: Sequence[int] | None = None,
+    example_inputs: tuple[Any, ...] | torch.Tensor | None = None,
+    drop_prob: float | None = None,
+    stages: int | list[int] | None = None,
+    block_size: int | tuple[int, ...] | None = None,
+    leaf_modules: Sequence[LeafSpec] = (),
+    **rules: Any,
+) -> Plan:
+    """The sites ``inject`` would patch, without touching the model (a dry run).
+
+    Feature sizes come from fake tensors at the training resolution: ``input_size``, else timm's
+    ``pretrained_cfg["input_size"]``, else 3x224x224 (3x16x112x112 for 3-D convnets).
+
+    Args:
+        model: A timm or torchvision model (or any ``nn.Module`` with convolutions).
+        recipe: :class:`~dropblock_inject.pipeline.plan.Rules`; None means the built-in default
+            (the paper's ResNet-50 setup generalised: the last two stages, block 7, a quarter of
+            the rate in the second-to-last).
+        input_size: ``(C, H, W)`` or ``(C, D, H, W)`` without the batch dimension.
+        example_inputs: The model's positional inputs instead of ``input_size``.
+        drop_prob: Overrides the recipe's target rate.
+        stages: Overrides the recipe's stages (an int N: the last N; a list of stage indices).
+        block_size: Overrides the recipe's block size.
+        leaf_modules: Module classes or path patterns the tracer must not enter.
+        **rules: Any other :class:`Rules` field (``gamma``, ``include``, ``exclude``, ``overrides`` ...).
+
+    Returns:
+        A :class:`~dropblock_inject.pipeline.plan.Plan`; ``print(plan)`` shows a table.
+
+    Raises:
+        NoSitesError: No site, with what was found instead.
+        TypeError: ``model`` is not an ``nn.Module``.
+
+    Example:
+        >>> import torchvision
+        >>> p = plan(torchvision.models.resnet18())
+        >>> len(p), sorted({s.stage for s in p})
+        (6, [3, 4])
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"plan() takes an nn.Module, got {type(model).__name__}")
+    base = recipe if recipe is not None else Rules()
+    chosen = base.replace(drop_prob=drop_prob, stages=stages, block_size=block_size, **rules)
+    inputs = _example_inputs(model, input_size, example_inputs)
+    analysis = analyse(model, inputs, leaf_modules=leaf_modules)
+    size = tuple(inputs[0].shape[1:]) if isinstance(inputs[0], torch.Tensor) else ()
+    return make_plan(analysis, chosen, model=type(model).__name__, input_size=size)
+
+
+def inject(model: nn.Module, recipe: Rules | None = None, **overrides: Any) -> nn.Module:
+    """Insert DropBlock before the activations of the deep stages of ``model``, in place.
+
+    The model keeps its class, methods, attributes, ``state_dict`` keys and Parameter objects;
+    in eval mode it computes exactly what it computed before. Sites that already hold a
+    DropBlock (ours, or timm's ``drop_block_rate``) are left as they are. Ramp the rate with
+    :class:`~dropblock_inject.DropBlockSchedule`; undo with :func:`strip`.
+
+    Args:
+        model: The model to patch.
+        recipe: The rules (see :func:`plan`).
+        **overrides: The keyword arguments of :func:`plan`.
+
+    Returns:
+        The same ``model`` object.
+
+    Raises:
+        NoSitesError: No site (the model is unchanged).
+        VerificationError: A check after the rewrite failed (the model was restored).
+
+    Example:
+        >>> import torchvision
+        >>> m = inject(torchvision.models.resnet18(), drop_prob=0.1)
+        >>> type(m.layer4[0].bn1.dropblock).__name__
+        'DropBlock'
+    """
+    chosen = plan(model, recipe, **overrides)
+    apply_plan(model, chosen)
+    return model
+
+
+def strip(model: nn.Module) -> nn.Module:
+    """Remove every DropBlock that :func:`inject` inserted, in place, and return the model.
+
+    Example:
+        >>> import torchvision
+        >>> m = strip(inject(torchvision.models.resnet18()))
+        >>> hasattr(m.layer4[0].bn1, "dropblock")
+        False
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"strip() takes an nn.Module, got {type(model).__name__}")
+    strip_model(model)
+    return model
+
+
+def _example_inputs(
+    model: nn.Module, input_size: Sequence[int] | None, example_inputs: tuple[Any, ...] | torch.Tensor | None
+) -> tuple[Any, ...]:
+    if example_inputs is not None:
+        return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    size = tuple(input_size) if input_size is not None else _default_input_size(model)
+    if len(size) not in (3, 4) or not all(isinstance(s, int) and s > 0 for s in size):
+        raise DropBlockInjectError(f"input_size must be (C, H, W) or (C, D, H, W) of positive ints, got {input_size!r}")
+    return (torch.empty((2, *size), device=device),)
+
+
+def _default_input_size(model: nn.Module) -> tuple[int, ...]:
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        return tuple(cfg["input_size"])
+    first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))), None)
+    channels = first.in_channels if first is not None else 3
+    if isinstance(first, nn.Conv3d):
+        return (channels, 16, 112, 112)
+    return (channels, 224, 224)

@@ -1,0 +1,331 @@
+"""Stage 2, analyse: feature sizes by fake-tensor propagation, and every candidate site.
+
+A candidate site is a convolution whose output reaches an activation through per-channel or
+norm layers only (``conv -> [norm | identity slot | DropBlock]* -> activation``), each link the
+only user of the previous one. The DropBlock goes right before the activation: it becomes a
+forward hook on the last module of the chain, or fills an identity slot (timm's ResNet
+``drop_block``, the ``.drop`` of timm's fused ``BatchNormAct2d``).
+
+No real FLOPs run: shapes come from ``FakeTensorMode``, so a model built on ``device="meta"``
+works too. A model whose top level cannot be traced (torchvision detection) is run once eagerly
+on fake tensors to record the inputs of its submodules, and its largest traceable subtrees are
+analysed instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from dropblock_inject.errors import TraceError
+from dropblock_inject.pipeline.layers import (
+    activation_name,
+    fused_has_activation,
+    is_conv,
+    is_dropblock,
+    is_fused_norm_act,
+    is_norm,
+    is_residual_merge,
+    is_slot,
+)
+from dropblock_inject.pipeline.trace import LeafSpec, describe_target, node_module, trace
+
+__all__ = ["Analysis", "Candidate", "Rejected", "analyse"]
+
+HOOK_ATTR = "dropblock"  # name of the DropBlock child that a hooked module carries
+
+
+@dataclass
+class Candidate:
+    """A place where DropBlock can go (or already is).
+
+    Attributes:
+        conv: Path of the convolution.
+        norm: Path of the last norm of the chain, or None.
+        act: The activation: a module path or a function name.
+        host: Where the DropBlock goes: the module to hook, the identity slot to fill, or the
+            fused norm-act module whose ``.drop`` to fill.
+        kind: ``"hook"``, ``"slot"`` or ``"fused"``.
+        call: Index of this call of ``host`` among its calls (a module may be called at several places).
+        feature: Spatial size of the convolution's output.
+        channels: Channels of the convolution's output.
+        stride: Input size / feature size (first spatial dimension).
+        dilation: The convolution's dilation, None for 1x1 convolutions (they inherit their stage's).
+        existing: ``"ours"`` / a class name when a DropBlock already sits there, else None.
+        order: Execution order among all candidates.
+    """
+
+    conv: str
+    norm: str | None
+    act: str
+    host: str
+    kind: str
+    call: int
+    feature: tuple[int, ...]
+    channels: int
+    stride: int
+    dilation: int | None
+    existing: str | None = None
+    order: int = 0
+
+
+@dataclass
+class Rejected:
+    """A convolution output that is not a site, with the reason."""
+
+    conv: str
+    reason: str
+
+
+@dataclass
+class Analysis:
+    """What :func:`analyse` found."""
+
+    candidates: list[Candidate] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    roots: list[str] = field(default_factory=list)
+    opaque: list[str] = field(default_factory=list)
+    input_spatial: tuple[int, ...] = ()
+
+
+class FakeShapeProp(fx.Interpreter):
+    """Run a graph on fake tensors, keeping every node's fake value in ``node.meta["val"]``."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception as e:
+            raise TraceError(f"shape propagation failed at node {n.format_node()}: {type(e).__name__}: {e}") from e
+        n.meta["val"] = result
+        return result
+
+
+def analyse(
+    model: nn.Module,
+    example_inputs: tuple[Any, ...],
+    *,
+    leaf_modules: Sequence[LeafSpec] = (),
+) -> Analysis:
+    """Find every candidate site of ``model`` at the size of ``example_inputs``.
+
+    Args:
+        model: The model (not modified; its train/eval mode is restored).
+        example_inputs: Positional inputs; tensors are replaced by fake tensors of the same shape.
+        leaf_modules: Extra leaves for the tracer.
+
+    Returns:
+        An :class:`Analysis`, candidates in execution order.
+    """
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    inputs = tuple(_to_fake(fake_mode, a) for a in example_inputs)
+    first = next((a for a in example_inputs if isinstance(a, torch.Tensor)), None)
+    result = Analysis(input_spatial=tuple(first.shape[2:]) if first is not None else ())
+    _analyse_module(model, "", inputs, fake_mode, leaf_modules, result, model)
+    for i, c in enumerate(result.candidates):
+        c.order = i
+    return result
+
+
+def _to_fake(fake_mode: FakeTensorMode, value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return fake_mode.from_tensor(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_fake(fake_mode, v) for v in value)
+    return value
+
+
+def _analyse_module(
+    module: nn.Module,
+    path: str,
+    inputs: tuple[Any, ...],
+    fake_mode: FakeTensorMode,
+    leaf_modules: Sequence[LeafSpec],
+    result: Analysis,
+    root: nn.Module,
+) -> None:
+    """Trace and propagate ``module``; on failure, descend into the subtrees it calls."""
+    try:
+        gm = trace(module, leaf_modules=leaf_modules, path=path)
+        with fake_mode, _training_as(module, module.training):
+            FakeShapeProp(gm).run(*inputs)
+    except TraceError:
+        _analyse_children(module, path, inputs, fake_mode, leaf_modules, result, root)
+        return
+    result.roots.append(path or "<model>")
+    _find_sites(gm, path, fake_mode, leaf_modules, result, root)
+
+
+def _analyse_children(
+    module: nn.Module,
+    path: str,
+    inputs: tuple[Any, ...],
+    fake_mode: FakeTensorMode,
+    leaf_modules: Sequence[LeafSpec],
+    result: Analysis,
+    root: nn.Module,
+) -> None:
+    """Run ``module`` eagerly on fake inputs, recording each child's first inputs; analyse those."""
+    calls = _record_child_inputs(module, inputs, fake_mode)
+    if not calls:
+        result.opaque.append(path or "<model>")
+        return
+    for name, child_inputs in calls:
+        child = module.get_submodule(name)
+        _analyse_module(child, _join(path, name), child_inputs, fake_mode, leaf_modules, result, root)
+
+
+def _record_child_inputs(
+    module: nn.Module, inputs: tuple[Any, ...], fake_mode: FakeTensorMode
+) -> list[tuple[str, tuple[Any, ...]]]:
+    """First positional inputs of each direct child, in the order of their first call.
+
+    The model runs in eval mode (detection models need targets in training) on fake tensors; an
+    error after the children ran (data-dependent ops such as NMS) is expected and ignored.
+    """
+    calls: dict[str, tuple[Any, ...]] = {}
+    handles = []
+    for name, child in module.named_children():
+
+        def hook(_m: nn.Module, args: tuple[Any, ...], _name: str = name) -> None:
+            calls.setdefault(_name, args)
+
+        handles.append(child.register_forward_pre_hook(hook))
+    try:
+        with fake_mode, _training_as(module, False), torch.no_grad():
+            module(*inputs)
+    except Exception:  # noqa: BLE001 - data-dependent tails of detection models fail on fake tensors
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return list(calls.items())
+
+
+class _training_as:  # noqa: N801 - used as a context manager
+    """Temporarily set a module tree's training flag; restores every submodule's own flag."""
+
+    def __init__(self, module: nn.Module, training: bool) -> None:
+        self.module, self.training = module, training
+
+    def __enter__(self) -> None:
+        self.saved = [(m, m.training) for m in self.module.modules()]
+        self.module.train(self.training)
+
+    def __exit__(self, *exc: object) -> None:
+        for m, flag in self.saved:
+            m.training = flag
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def _find_sites(
+    gm: fx.GraphModule,
+    path: str,
+    fake_mode: FakeTensorMode,
+    leaf_modules: Sequence[LeafSpec],
+    result: Analysis,
+    root: nn.Module,
+) -> None:
+    """Walk the graph in execution order: conv chains, and opaque leaves that hide convolutions."""
+    calls_seen: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        module = node_module(gm, node)
+        if module is None:
+            continue
+        call = calls_seen.get(str(node.target), 0)
+        calls_seen[str(node.target)] = call + 1
+        if is_conv(module) and "val" in node.meta:
+            _follow_chain(gm, node, module, path, result, root)
+        elif _hides_convs(module):
+            inputs = tuple(a.meta.get("val") if isinstance(a, fx.Node) else a for a in node.args)
+            sub_path = _join(path, str(node.target))
+            _analyse_module(module, sub_path, inputs, fake_mode, leaf_modules, result, root)
+
+
+def _hides_convs(module: nn.Module) -> bool:
+    if is_conv(module) or is_norm(module) or is_fused_norm_act(module) or is_dropblock(module):
+        return False
+    return any(is_conv(m) for m in module.modules())
+
+
+def _follow_chain(
+    gm: fx.GraphModule, conv_node: fx.Node, conv: nn.Module, path: str, result: Analysis, root: nn.Module
+) -> None:
+    """From a convolution, follow single-user norm/slot links to an activation."""
+    conv_path = _join(path, str(conv_node.target))
+    host, kind, norm, existing = conv_path, "hook", None, None
+    node = conv_node
+    while True:
+        users = list(node.users)
+        if len(users) != 1:
+            reason = "output unused" if not users else f"output has {len(users)} users (fan-out)"
+            result.rejected.append(Rejected(conv_path, reason))
+            return
+        user = users[0]
+        module = node_module(gm, user)
+        target_path = _join(path, str(user.target)) if module is not None else None
+        if module is not None and is_fused_norm_act(module):
+            norm = target_path
+            if fused_has_activation(module):
+                existing = _existing(module.drop) or existing
+                act = f"{target_path}.act"
+                return _accept(result, conv_node, conv, conv_path, norm, act, target_path, "fused", existing, root)
+            host, kind = target_path, "hook"
+        elif module is not None and is_dropblock(module):
+            existing, host, kind = _existing(module), target_path, "slot"
+        elif module is not None and is_slot(module):
+            host, kind = target_path, "slot"
+        elif module is not None and is_norm(module):
+            norm, host, kind = target_path, target_path, "hook"
+        else:
+            act = activation_name(user.op, user.target, module)
+            if act is not None:
+                act_name = target_path or act
+                return _accept(result, conv_node, conv, conv_path, norm, act_name, host, kind, existing, root)
+            what = "a residual add" if is_residual_merge(user.op, user.target) else describe_target(user, module)
+            result.rejected.append(Rejected(conv_path, f"goes to {what}, not an activation"))
+            return
+        node = user
+
+
+def _existing(module: nn.Module) -> str | None:
+    if not is_dropblock(module):
+        return None
+    return "ours" if getattr(module, "injected", False) else type(module).__name__
+
+
+def _accept(
+    result: Analysis,
+    conv_node: fx.Node,
+    conv: nn.Module,
+    conv_path: str,
+    norm: str | None,
+    act: str,
+    host: str,
+    kind: str,
+    existing: str | None,
+    root: nn.Module,
+) -> None:
+    val = conv_node.meta["val"]
+    feature = tuple(int(s) for s in val.shape[2:])
+    if all(s == 1 for s in feature):
+        result.rejected.append(Rejected(conv_path, "1x1 feature map (a pooled gate or head)"))
+        return
+    spatial = result.input_spatial
+    stride = max(1, round(spatial[0] / feature[0])) if spatial and feature and feature[0] else 1
+    kernel = conv.kernel_size if isinstance(conv.kernel_size, tuple) else (conv.kernel_size,)
+    dilation = int(conv.dilation[0]) if max(kernel) > 1 else None
+    if kind == "hook" and existing is None and isinstance(getattr(root.get_submodule(host), HOOK_ATTR, None), nn.Module):
+        existing = "ours"
+    call = sum(1 for c in result.candidates if c.host == host)
+    result.candidates.append(
+        Candidate(conv_path, norm, act, host, kind, call, feature, int(val.shape[1]), stride, dilation, existing)
+    )
