@@ -67,7 +67,19 @@ def plan(
     inputs = _example_inputs(model, input_size, example_inputs)
     analysis = analyse(model, inputs, leaf_modules=leaf_modules)
     size = tuple(inputs[0].shape[1:]) if isinstance(inputs[0], torch.Tensor) else ()
-    return make_plan(analysis, chosen, model=type(model).__name__, input_size=size)
+    return make_plan(analysis, chosen, model=type(model).__name__, input_size=size, scope=_scope(model, chosen.scope))
+
+
+def _scope(model: nn.Module, scope: str) -> str:
+    if scope == "all":
+        return ""
+    if scope == "auto":
+        return "backbone" if isinstance(getattr(model, "backbone", None), nn.Module) else ""
+    try:
+        model.get_submodule(scope)
+    except AttributeError as e:
+        raise DropBlockInjectError(f"scope {scope!r} is not a submodule of {type(model).__name__}") from e
+    return scope
 
 
 def inject(model: nn.Module, recipe: Rules | None = None, **overrides: Any) -> nn.Module:

@@ -14,6 +14,7 @@ analysed instead.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,7 +53,8 @@ class Candidate:
         host: Where the DropBlock goes: the module to hook, the identity slot to fill, or the
             fused norm-act module whose ``.drop`` to fill.
         kind: ``"hook"``, ``"slot"`` or ``"fused"``.
-        call: Index of this call of ``host`` among its calls (a module may be called at several places).
+        call: Which call of the activation module this is (torchvision's ResNets call one ``relu``
+            module at several places); 0 for activation functions.
         feature: Spatial size of the convolution's output.
         channels: Channels of the convolution's output.
         stride: Input size / feature size (first spatial dimension).
@@ -95,7 +97,17 @@ class Analysis:
 
 
 class FakeShapeProp(fx.Interpreter):
-    """Run a graph on fake tensors, keeping every node's fake value in ``node.meta["val"]``."""
+    """Run a graph on fake tensors, keeping every node's fake value in ``node.meta["val"]``.
+
+    Norms, activations and slots keep the shape of their input, so they are skipped (fake
+    batch norm in training mode costs more than the whole rest of a ResNet).
+    """
+
+    def call_module(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        module = self.fetch_attr(target)
+        if len(args) == 1 and isinstance(args[0], torch.Tensor) and _keeps_shape(module):
+            return args[0]
+        return super().call_module(target, args, kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
         try:
@@ -186,8 +198,21 @@ def _record_child_inputs(
     """First positional inputs of each direct child, in the order of their first call.
 
     The model runs in eval mode (detection models need targets in training) on fake tensors; an
-    error after the children ran (data-dependent ops such as NMS) is expected and ignored.
+    error after the children ran (data-dependent ops such as NMS) is expected and ignored. When
+    data-dependent control flow stops the fake run before any child runs, it runs once on real
+    tensors of the same shapes (unless the model is on the meta device).
     """
+    calls = _run_recording(module, inputs, fake_mode)
+    if not calls and not any(p.is_meta for p in module.parameters()):
+        real = tuple(_to_real(a) for a in inputs)
+        calls = {name: tuple(_to_fake(fake_mode, a) for a in args)
+                 for name, args in _run_recording(module, real, None).items()}  # fmt: skip
+    return list(calls.items())
+
+
+def _run_recording(
+    module: nn.Module, inputs: tuple[Any, ...], fake_mode: FakeTensorMode | None
+) -> dict[str, tuple[Any, ...]]:
     calls: dict[str, tuple[Any, ...]] = {}
     handles = []
     for name, child in module.named_children():
@@ -197,14 +222,22 @@ def _record_child_inputs(
 
         handles.append(child.register_forward_pre_hook(hook))
     try:
-        with fake_mode, _training_as(module, False), torch.no_grad():
+        with fake_mode or contextlib.nullcontext(), _training_as(module, False), torch.no_grad():
             module(*inputs)
-    except Exception:  # noqa: BLE001 - data-dependent tails of detection models fail on fake tensors
+    except Exception:
         pass
     finally:
         for h in handles:
             h.remove()
-    return list(calls.items())
+    return calls
+
+
+def _to_real(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return torch.randn(value.shape, dtype=value.dtype, device=value.device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_real(v) for v in value)
+    return value
 
 
 class _training_as:  # noqa: N801 - used as a context manager
@@ -240,14 +273,24 @@ def _find_sites(
         module = node_module(gm, node)
         if module is None:
             continue
-        call = calls_seen.get(str(node.target), 0)
-        calls_seen[str(node.target)] = call + 1
+        node.meta["call_index"] = calls_seen.get(str(node.target), 0)
+        calls_seen[str(node.target)] = node.meta["call_index"] + 1
+    for node in gm.graph.nodes:
+        module = node_module(gm, node)
+        if module is None:
+            continue
         if is_conv(module) and "val" in node.meta:
             _follow_chain(gm, node, module, path, result, root)
         elif _hides_convs(module):
             inputs = tuple(a.meta.get("val") if isinstance(a, fx.Node) else a for a in node.args)
             sub_path = _join(path, str(node.target))
             _analyse_module(module, sub_path, inputs, fake_mode, leaf_modules, result, root)
+
+
+def _keeps_shape(module: nn.Module) -> bool:
+    if is_norm(module) or is_fused_norm_act(module) or is_slot(module):
+        return True
+    return activation_name("call_module", None, module) is not None
 
 
 def _hides_convs(module: nn.Module) -> bool:
@@ -277,7 +320,7 @@ def _follow_chain(
             if fused_has_activation(module):
                 existing = _existing(module.drop) or existing
                 act = f"{target_path}.act"
-                return _accept(result, conv_node, conv, conv_path, norm, act, target_path, "fused", existing, root)
+                return _accept(result, conv_node, conv, conv_path, norm, act, target_path, "fused", existing, root, 0)
             host, kind = target_path, "hook"
         elif module is not None and is_dropblock(module):
             existing, host, kind = _existing(module), target_path, "slot"
@@ -287,13 +330,23 @@ def _follow_chain(
             norm, host, kind = target_path, target_path, "hook"
         else:
             act = activation_name(user.op, user.target, module)
+            if act is not None and norm is None and _feeds_norm(gm, user):
+                result.rejected.append(Rejected(conv_path, "conv -> act -> norm (the norm comes after the activation)"))
+                return
             if act is not None:
                 act_name = target_path or act
-                return _accept(result, conv_node, conv, conv_path, norm, act_name, host, kind, existing, root)
+                call = user.meta.get("call_index", 0)
+                return _accept(result, conv_node, conv, conv_path, norm, act_name, host, kind, existing, root, call)
             what = "a residual add" if is_residual_merge(user.op, user.target) else describe_target(user, module)
             result.rejected.append(Rejected(conv_path, f"goes to {what}, not an activation"))
             return
         node = user
+
+
+def _feeds_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
+    users = list(node.users)
+    module = node_module(gm, users[0]) if len(users) == 1 else None
+    return module is not None and (is_norm(module) or is_fused_norm_act(module))
 
 
 def _existing(module: nn.Module) -> str | None:
@@ -313,6 +366,7 @@ def _accept(
     kind: str,
     existing: str | None,
     root: nn.Module,
+    call: int,
 ) -> None:
     val = conv_node.meta["val"]
     feature = tuple(int(s) for s in val.shape[2:])
@@ -323,9 +377,12 @@ def _accept(
     stride = max(1, round(spatial[0] / feature[0])) if spatial and feature and feature[0] else 1
     kernel = conv.kernel_size if isinstance(conv.kernel_size, tuple) else (conv.kernel_size,)
     dilation = int(conv.dilation[0]) if max(kernel) > 1 else None
-    if kind == "hook" and existing is None and isinstance(getattr(root.get_submodule(host), HOOK_ATTR, None), nn.Module):
+    if (
+        kind == "hook"
+        and existing is None
+        and isinstance(getattr(root.get_submodule(host), HOOK_ATTR, None), nn.Module)
+    ):
         existing = "ours"
-    call = sum(1 for c in result.candidates if c.host == host)
     result.candidates.append(
         Candidate(conv_path, norm, act, host, kind, call, feature, int(val.shape[1]), stride, dilation, existing)
     )

@@ -99,7 +99,7 @@ def activation_name(node_op: str, target: Any, module: nn.Module | None) -> str 
 
 def is_residual_merge(node_op: str, target: Any) -> bool:
     """An elementwise add (a residual sum)."""
-    return node_op == "call_function" and target in {operator.add, operator.iadd, torch.add} or (
+    return (node_op == "call_function" and target in {operator.add, operator.iadd, torch.add}) or (
         node_op == "call_method" and target in {"add", "add_"}
     )
 

@@ -22,12 +22,13 @@ from typing import Any
 
 from dropblock_inject.errors import NoSitesError, RecipeError
 from dropblock_inject.op.functional import _as_block_tuple, validate_args
-from dropblock_inject.op.geometry import GAMMA_MODES, block_geometry
+from dropblock_inject.op.geometry import block_geometry
 from dropblock_inject.pipeline.analyse import Analysis, Candidate
 
 __all__ = ["Plan", "Rules", "Site", "make_plan"]
 
 SITE_SETTINGS = ("drop_prob", "block_size", "gamma_scale")
+_OUT_OF_SCOPE = -1  # the stage of an included site outside the scope
 
 
 @dataclass
@@ -48,6 +49,10 @@ class Rules:
         exclude: Module-path patterns never patched (they win over everything).
         overrides: Module-path pattern or exact path -> settings (``drop_prob``, ``block_size``,
             ``gamma_scale``); exact paths beat patterns.
+        scope: The part of the model whose sites form the stages: ``"auto"`` (the ``backbone``
+            submodule when the model has one, as torchvision's detection and segmentation models
+            do, else everything), ``"all"``, or a module path. Sites outside it are patched only
+            through ``include``.
 
     Example:
         >>> Rules(drop_prob=0.2, stages=[-1], exclude=["layer4.2.*"]).drop_prob
@@ -64,6 +69,7 @@ class Rules:
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    scope: str = "auto"
 
     def __post_init__(self) -> None:
         validate_args(self.drop_prob, self.block_size, 1.0, self.gamma, "valid")
@@ -171,8 +177,15 @@ class Plan(Sequence[Site]):
         return _format_plan(self)
 
 
-def make_plan(analysis: Analysis, rules: Rules, *, model: str, input_size: tuple[int, ...]) -> Plan:
+def make_plan(analysis: Analysis, rules: Rules, *, model: str, input_size: tuple[int, ...], scope: str = "") -> Plan:
     """Assign stages, apply ``rules`` and build the :class:`Plan`.
+
+    Args:
+        analysis: The candidates, in execution order.
+        rules: The rules.
+        model: The model's name, for messages.
+        input_size: The input size of the analysis.
+        scope: Module-path prefix of the candidates that form the stages ("" for all).
 
     Raises:
         NoSitesError: The model has no candidate site, or the rules select none.
@@ -180,11 +193,12 @@ def make_plan(analysis: Analysis, rules: Rules, *, model: str, input_size: tuple
     rejected = Counter(r.reason for r in analysis.rejected)
     if not analysis.candidates:
         raise NoSitesError(_no_candidates_message(model, analysis, rejected))
-    stage_of, stages = _assign_stages(analysis.candidates)
+    in_scope = [c for c in analysis.candidates if not scope or c.conv.startswith(scope + ".")]
+    stage_of, stages = _assign_stages(in_scope or analysis.candidates)
     chosen = _chosen_stages(rules, len(stages))
     sites = []
     for cand in analysis.candidates:
-        site = _site(cand, stage_of[cand.order], stages, chosen, rules)
+        site = _site(cand, stage_of.get(cand.order, -1), stages, chosen, rules)
         if site is not None:
             sites.append(site)
     sites = _whole_hosts(sites, analysis.candidates, stage_of, stages, rules)
@@ -193,8 +207,17 @@ def make_plan(analysis: Analysis, rules: Rules, *, model: str, input_size: tuple
             f"the rules select none of the {len(analysis.candidates)} candidate sites of {model} "
             f"(stages: {_stage_list(stages)}; chosen: {sorted(chosen)}). Pick stages=[...] or include=[...] patterns."
         )
-    return Plan(sites, model=model, input_size=input_size, stages=stages, rules=rules, rejected=rejected,
-                candidates=len(analysis.candidates), gamma=rules.gamma, shared_channels=rules.shared_channels)  # fmt: skip
+    return Plan(
+        sites,
+        model=model,
+        input_size=input_size,
+        stages=stages,
+        rules=rules,
+        rejected=rejected,
+        candidates=len(analysis.candidates),
+        gamma=rules.gamma,
+        shared_channels=rules.shared_channels,
+    )
 
 
 def _assign_stages(candidates: list[Candidate]) -> tuple[dict[int, int], list[tuple[tuple[int, ...], int, int]]]:
@@ -234,15 +257,27 @@ def _site(cand: Candidate, stage: int, stages: list, chosen: set[int], rules: Ru
     if stage not in chosen and not included:
         return None
     settings = _settings_for(cand, stage, len(stages), rules)
-    feature, dilation, _ = stages[stage]
+    dilation = stages[stage][1] if stage >= 0 else (cand.dilation or 1)
     block = _as_block_tuple(settings["block_size"])
     block = block * len(cand.feature) if len(block) == 1 else block
     geom = block_geometry(cand.feature, block, "valid")
     rate = settings["drop_prob"] * settings["gamma_scale"]
     expected = geom.expected_drop(geom.seed_rate(min(rate, 1.0), rules.gamma))
     status = "new" if cand.existing is None else ("patched" if cand.existing == "ours" else "covered")
-    return Site(cand.conv, cand.norm, cand.act, cand.host, cand.kind, cand.call, stage, cand.stride, cand.feature,
-                cand.channels, dilation, block, settings["gamma_scale"], settings["drop_prob"], expected, status)  # fmt: skip
+    stage = stage if stage >= 0 else _OUT_OF_SCOPE
+    return Site(
+        **{
+            k: getattr(cand, k)
+            for k in ("conv", "norm", "act", "host", "kind", "call", "stride", "feature", "channels")
+        },
+        stage=stage,
+        dilation=dilation,
+        block_size=block,
+        gamma_scale=settings["gamma_scale"],
+        drop_prob=settings["drop_prob"],
+        expected_drop=expected,
+        status=status,
+    )
 
 
 def _settings_for(cand: Candidate, stage: int, n_stages: int, rules: Rules) -> dict[str, Any]:
@@ -250,7 +285,7 @@ def _settings_for(cand: Candidate, stage: int, n_stages: int, rules: Rules) -> d
     settings: dict[str, Any] = {"drop_prob": rules.drop_prob, "block_size": rules.block_size, "gamma_scale": 1.0}
     for key, table in (("gamma_scale", rules.stage_gamma_scale), ("block_size", rules.stage_block_size)):
         for s, value in table.items():
-            if s % n_stages == stage and -n_stages <= s < n_stages:
+            if stage >= 0 and s % n_stages == stage and -n_stages <= s < n_stages:
                 settings[key] = value
     paths = [p for p in (cand.conv, cand.norm, cand.host) if p]
     exact = {k: v for k, v in rules.overrides.items() if k in paths}
@@ -296,14 +331,17 @@ def _no_candidates_message(model: str, analysis: Analysis, rejected: Counter[str
         what = (f"none of its {sum(rejected.values())} convolutions reaches an activation through norm layers "
                 f"only: {reasons}")  # fmt: skip
     hint = " Pre-activation nets (norm -> act -> conv) and conv -> act -> norm nets have no such site."
+    if analysis.opaque:
+        hint += (f" Could not trace or run {analysis.opaque[:3]}: pass example_inputs=(...) or "
+                 f"leaf_modules=[...] for their untraceable parts.")  # fmt: skip
     return f"no DropBlock site in {model}: {what}.{hint}"
 
 
 def _format_plan(plan: Plan) -> str:
-    header = ("#", "site (DropBlock before)", "call", "stage", "stride", "feature", "ch", "block", "scale", "p",
+    header = ("#", "DropBlock after", "before", "stage", "stride", "feature", "ch", "block", "scale", "p",
               "exp.drop", "status")  # fmt: skip
     rows = [
-        (str(i), s.act if s.kind != "fused" else s.host + ".drop", str(s.call), str(s.stage), str(s.stride),
+        (str(i), s.host if s.kind != "fused" else f"{s.host}.drop", _act_label(s), str(s.stage), str(s.stride),
          _size(s.feature), str(s.channels), _size(tuple(min(b, f) for b, f in zip(s.block_size, s.feature))),
          f"{s.gamma_scale:g}", f"{s.rate:.3f}", f"{s.expected_drop:.3f}", s.status)
         for i, s in enumerate(plan)
@@ -323,6 +361,13 @@ def _format_plan(plan: Plan) -> str:
         lines.append(f"not sites: {sum(plan.rejected.values())} convolutions ({reasons})")
     lines.append(f"mean expected drop over patched units: {_weighted_drop(plan):.3f}")
     return "\n".join(lines)
+
+
+def _act_label(site: Site) -> str:
+    """The activation, relative to the host's parent when it shares one; ``#k`` for the k-th call."""
+    parent = site.host.rpartition(".")[0]
+    act = site.act[len(parent) + 1 :] if parent and site.act.startswith(parent + ".") else site.act
+    return f"{act}#{site.call}" if site.call else act
 
 
 def _weighted_drop(plan: Plan) -> float:

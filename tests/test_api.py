@@ -1,0 +1,297 @@
+"""plan / inject / strip on toy modules, one per failure class of DESIGN.md §6, and the contract
+that must hold after every rewrite."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+import dropblock_inject as dbi
+from dropblock_inject.pipeline.rewrite import injected_modules
+
+
+class Block(nn.Module):
+    """conv -> bn -> relu twice, with a residual add (the second conv goes to the add)."""
+
+    def __init__(self, c: int, norm: type[nn.Module] = nn.BatchNorm2d) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), norm(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), norm(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.stride = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + x)
+
+
+class Net(nn.Module):
+    def __init__(self, norm: type[nn.Module] = nn.BatchNorm2d) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), norm(8), nn.ReLU())
+        self.stage1 = nn.Sequential(Block(8, norm), nn.Conv2d(8, 16, 3, stride=2, padding=1))
+        self.stage2 = nn.Sequential(Block(16, norm), Block(16, norm), nn.Conv2d(16, 32, 3, stride=2, padding=1))
+        self.stage3 = nn.Sequential(Block(32, norm), Block(32, norm))
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage3(self.stage2(self.stage1(self.stem(x))))
+        return self.head(x.mean((2, 3)))
+
+
+def run(model: nn.Module, x: torch.Tensor, train: bool) -> torch.Tensor:
+    model.train(train)
+    with torch.no_grad():
+        return model(x)
+
+
+class TestPlan:
+    def test_default_rules_pick_the_last_two_stages(self) -> None:
+        p = dbi.plan(Net(), input_size=(3, 64, 64))
+        assert [feature for feature, _, _ in p.stages] == [(32, 32), (16, 16), (8, 8)]
+        assert {s.stage for s in p} == {1, 2}
+        assert all(s.status == "new" for s in p)
+        second_last = [s for s in p if s.stage == 1]
+        assert {s.gamma_scale for s in second_last} == {0.25}
+        text = str(p)
+        assert "stages (feature, dilation" in text and "stage2.0.bn1" in text
+
+    def test_sites_are_conv_norm_act_chains_only(self) -> None:
+        p = dbi.plan(Net(), input_size=(3, 64, 64), stages=3)
+        assert all(s.norm.endswith("bn1") or s.norm.startswith("stem") for s in p)
+        assert any("residual add" in r for r in p.rejected)
+
+    def test_overrides_follow_the_precedence(self) -> None:
+        p = dbi.plan(
+            Net(),
+            input_size=(3, 64, 64),
+            drop_prob=0.2,
+            stage_block_size={-1: 5},
+            overrides={"stage3.*": {"block_size": 3}, "stage3.1.bn1": {"drop_prob": 0.3}},
+            exclude=["stage2.1.*"],
+        )
+        by_norm = {s.norm: s for s in p}
+        assert "stage2.1.bn1" not in by_norm  # exclusion wins
+        assert by_norm["stage3.0.bn1"].block_size == (3, 3)  # pattern beats stage
+        assert by_norm["stage3.1.bn1"].drop_prob == 0.3  # exact beats pattern
+        assert by_norm["stage2.0.bn1"].drop_prob == 0.2  # global
+
+    def test_stage_indices_and_include(self) -> None:
+        p = dbi.plan(Net(), input_size=(3, 64, 64), stages=[0], include=["stage3.1.*"])
+        assert {s.norm for s in p} == {"stem.1", "stage1.0.bn1", "stage3.1.bn1"}
+        with pytest.raises(dbi.RecipeError, match="stage 9 does not exist"):
+            dbi.plan(Net(), input_size=(3, 64, 64), stages=[9])
+
+    def test_meta_device_model(self) -> None:
+        with torch.device("meta"):
+            model = torchvision.models.resnet18()
+        p = dbi.plan(model)
+        assert len(p) == 4
+
+    def test_plan_does_not_touch_the_model(self) -> None:
+        model = Net()
+        before = copy.deepcopy(model.state_dict())
+        dbi.plan(model)
+        assert not injected_modules(model)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class TestInject:
+    def test_contract_after_inject(self) -> None:
+        model = Net()
+        params = list(model.parameters())
+        keys = list(model.state_dict())
+        x = torch.randn(2, 3, 64, 64)
+        ref = run(model, x, train=False)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        out = dbi.inject(model, input_size=(3, 64, 64))
+        assert out is model and type(model) is Net
+        assert isinstance(model.stage3[0], Block) and model.stage3[0].stride == 1
+        assert list(model.parameters()) == params and all(a is b for a, b in zip(model.parameters(), params))
+        assert list(model.state_dict()) == keys
+        assert torch.equal(run(model, x, train=False), ref)  # eval: bit-identical
+        model.train()
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()  # an optimizer built before injection still trains the model
+        assert all(p.grad is not None for p in params)
+
+    def test_zero_rate_in_train_equals_unpatched_train(self) -> None:
+        model = Net()
+        patched = dbi.inject(copy.deepcopy(model), input_size=(3, 64, 64), drop_prob=0.0)
+        x = torch.randn(4, 3, 64, 64)
+        assert torch.equal(run(patched, x, train=True), run(model, x, train=True))
+
+    def test_dropblock_changes_training_output(self) -> None:
+        model = dbi.inject(Net(), input_size=(3, 64, 64), drop_prob=0.5, block_size=3)
+        x = torch.randn(4, 3, 64, 64)
+        assert not torch.equal(run(model, x, train=True), run(model, x, train=True))
+
+    def test_inject_twice_and_strip_inject_are_idempotent(self) -> None:
+        model = Net()
+        dbi.inject(model, input_size=(3, 64, 64))
+        hosts = sorted(s.host for s in dbi.plan(model, input_size=(3, 64, 64)))
+        n = len(injected_modules(model))
+        dbi.inject(model, input_size=(3, 64, 64))
+        assert len(injected_modules(model)) == n
+        assert {s.status for s in dbi.plan(model, input_size=(3, 64, 64))} == {"patched"}
+        dbi.strip(model)
+        assert not any(isinstance(m, dbi.DropBlock) for m in model.modules())
+        assert not any(m._forward_hooks for m in model.modules())
+        dbi.inject(model, input_size=(3, 64, 64))
+        assert sorted(s.host for s in dbi.plan(model, input_size=(3, 64, 64))) == hosts
+
+    def test_frozen_batchnorm_is_a_norm(self) -> None:
+        p = dbi.plan(Net(norm=FrozenBatchNorm2d), input_size=(3, 64, 64))
+        assert len(p) > 0 and all(s.norm for s in p)
+
+    def test_group_norm(self) -> None:
+        p = dbi.plan(Net(norm=lambda c: nn.GroupNorm(4, c)), input_size=(3, 64, 64))
+        assert len(p) > 0
+
+    def test_block_larger_than_the_map(self) -> None:
+        model = dbi.inject(Net(), input_size=(3, 32, 32), block_size=9)
+        out = run(model, torch.randn(2, 3, 32, 32), train=True)
+        assert torch.isfinite(out).all()
+
+    def test_schedule_finds_injected_modules(self) -> None:
+        model = dbi.inject(Net(), input_size=(3, 64, 64))
+        sched = dbi.DropBlockSchedule(model, total_steps=10)
+        assert len(sched.modules) == len(injected_modules(model))
+
+    def test_checkpoint_loads_strict_both_ways(self) -> None:
+        patched = dbi.inject(Net(), input_size=(3, 64, 64))
+        plain = Net()
+        plain.load_state_dict(patched.state_dict(), strict=True)
+        patched.load_state_dict(plain.state_dict(), strict=True)
+
+    def test_deepcopy_pickle_and_torch_save_keep_the_dropblocks(self) -> None:
+        model = dbi.inject(Net(), input_size=(3, 64, 64), drop_prob=0.5, block_size=3)
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        copies = [copy.deepcopy(model), pickle.loads(pickle.dumps(model)), torch.load(buf, weights_only=False)]
+        x = torch.randn(2, 3, 64, 64)
+        for clone in copies:
+            assert len(injected_modules(clone)) == len(injected_modules(model))
+            assert not torch.equal(run(clone, x, train=True), run(clone, x, train=True))
+            dbi.strip(clone)  # strip works on a copy, and leaves the original patched
+            assert not injected_modules(clone) and not any(m._forward_hooks for m in clone.modules())
+        assert len(injected_modules(model)) > 0
+
+    def test_half_channels_last_and_autocast(self) -> None:
+        model = dbi.inject(Net(), input_size=(3, 64, 64))
+        x = torch.randn(2, 3, 64, 64)
+        cl = copy.deepcopy(model).to(memory_format=torch.channels_last).train()
+        cl(x.to(memory_format=torch.channels_last)).sum().backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model.train()(x).dtype == torch.bfloat16
+        half = copy.deepcopy(model).to(torch.bfloat16).train()
+        assert half(x.to(torch.bfloat16)).dtype == torch.bfloat16
+
+    def test_inplace_activation_after_the_dropblock(self) -> None:
+        model = dbi.inject(Net(), input_size=(3, 64, 64), drop_prob=0.3, block_size=3)
+        x = torch.randn(2, 3, 64, 64, requires_grad=True)
+        model.train()(x).sum().backward()  # Block.relu is in place
+        assert x.grad is not None
+
+    def test_train_only_branch_and_data_dependent_top_level(self) -> None:
+        class Weird(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.body = Net()
+                self.aux = nn.Conv2d(3, 3, 1)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                if x.sum() > 0:  # untraceable: the children are analysed instead
+                    x = x * 1.0
+                if self.training:
+                    x = x + self.aux(x)
+                return self.body(x)
+
+        model = Weird()
+        x = torch.randn(2, 3, 64, 64)
+        ref = run(model, x, train=False)
+        dbi.inject(model, input_size=(3, 64, 64))
+        assert injected_modules(model)
+        assert torch.equal(run(model, x, train=False), ref)
+        run(model, x, train=True)
+
+
+class TestNoSites:
+    def test_linear_model(self) -> None:
+        with pytest.raises(dbi.NoSitesError, match="no spatial convolution"):
+            dbi.plan(nn.Sequential(nn.Flatten(), nn.Linear(12, 4)), input_size=(3, 2, 2))
+
+    def test_conv_act_norm_is_not_a_site(self) -> None:
+        convmixer = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GELU(), nn.BatchNorm2d(8))
+        with pytest.raises(dbi.NoSitesError, match="act -> norm"):
+            dbi.plan(convmixer, input_size=(3, 16, 16))
+
+    def test_pre_activation_is_not_a_site(self) -> None:
+        preact = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 8, 3), nn.Flatten())
+        with pytest.raises(dbi.NoSitesError) as exc:
+            dbi.plan(preact, input_size=(3, 16, 16))
+        assert isinstance(exc.value, ValueError) and isinstance(exc.value, dbi.DropBlockInjectError)
+
+    def test_model_is_unchanged_after_an_error(self) -> None:
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten())
+        with pytest.raises(dbi.NoSitesError):
+            dbi.inject(model, input_size=(3, 16, 16))
+        assert not any(m._forward_hooks for m in model.modules())
+
+
+class TestRollback:
+    def test_a_failure_midway_leaves_nothing_behind(self, monkeypatch) -> None:
+        from dropblock_inject.pipeline import rewrite
+
+        model = Net()
+        calls = {"n": 0}
+        original = rewrite._insert
+
+        def flaky(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("boom")
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(rewrite, "_insert", flaky)
+        with pytest.raises(RuntimeError, match="boom"):
+            dbi.inject(model, input_size=(3, 64, 64))
+        assert not injected_modules(model)
+        assert not any(m._forward_hooks for m in model.modules())
+
+    def test_bad_arguments(self) -> None:
+        with pytest.raises(TypeError, match=r"nn\.Module"):
+            dbi.plan("resnet50")
+        with pytest.raises(ValueError, match="drop_prob"):
+            dbi.plan(Net(), drop_prob=2.0)
+        with pytest.raises(dbi.DropBlockInjectError, match="input_size"):
+            dbi.plan(Net(), input_size=(64, 64))
+
+
+@pytest.mark.slow
+def test_compiled_patched_model_trains_and_evaluates() -> None:
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    model = dbi.inject(Net(), input_size=(3, 64, 64), drop_prob=0.3, block_size=3)
+    sched = dbi.DropBlockSchedule(model, total_steps=4)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    x = torch.randn(2, 3, 64, 64)
+    for _ in range(3):
+        compiled(x).sum().backward()
+        sched.step()
+    assert counter.frame_count == 1
+    model.eval()
+    assert torch.allclose(compiled(x), model(x))
+    _ = F  # keep the import used
