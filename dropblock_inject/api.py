@@ -58,7 +58,7 @@ def plan(
         >>> import torchvision
         >>> p = plan(torchvision.models.resnet18())
         >>> len(p), sorted({s.stage for s in p})
-        (6, [3, 4])
+        (4, [3, 4])
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"plan() takes an nn.Module, got {type(model).__name__}")

@@ -15,7 +15,7 @@ import torch
 
 from dropblock_inject.op.functional import drop_block
 
-__all__ = ["OP_SHAPES", "bench_op", "time_interleaved"]
+__all__ = ["OP_SHAPES", "bench_inject", "bench_op", "time_interleaved"]
 
 OP_SHAPES: tuple[tuple[tuple[int, ...], int], ...] = (
     ((32, 256, 56, 56), 7),
@@ -95,6 +95,39 @@ def bench_op(
         if anchors:
             speedups = ", ".join(f"{times[n] / ours:.1f}x vs {n}" for n in anchors)
             print_fn(f"  ours per-channel is {speedups}")
+    return rows
+
+
+def bench_inject(
+    names: Sequence[str], *, repeats: int = 5, print_fn: Callable[[str], None] = print
+) -> list[dict[str, object]]:
+    """Median seconds of ``plan`` and of ``inject`` (which plans again) on freshly built models."""
+    from dropblock_inject.api import inject, plan
+    from dropblock_inject.errors import NoSitesError
+    from dropblock_inject.models import create_model
+
+    rows: list[dict[str, object]] = []
+    print_fn(f"bench inject: median of {repeats} on fresh models (model construction not timed)")
+    for name in names:
+        plan_t, inject_t, sites = [], [], 0
+        for _ in range(repeats + 1):  # the first round warms the caches and is dropped
+            model = create_model(name)
+            t0 = time.perf_counter()
+            try:
+                sites = len(plan(model))
+            except NoSitesError:
+                print_fn(f"  {name:<28} no site ({time.perf_counter() - t0:.3f} s)")
+                break
+            t1 = time.perf_counter()
+            inject(model)
+            plan_t.append(t1 - t0)
+            inject_t.append(time.perf_counter() - t1)
+        if not inject_t:
+            continue
+        row = {"model": name, "sites": sites, "plan_s": statistics.median(plan_t[1:]),
+               "inject_s": statistics.median(inject_t[1:])}  # fmt: skip
+        rows.append(row)
+        print_fn(f"  {name:<28} {sites:4d} sites  plan {row['plan_s']:.3f} s  inject {row['inject_s']:.3f} s")
     return rows
 
 

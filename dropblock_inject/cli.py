@@ -1,7 +1,8 @@
 """The ``dropblock-inject`` command line (also ``python -m dropblock_inject``).
 
 Subcommands:
-    bench op    time the DropBlock op against an elementwise multiply, timm and torchvision.
+    bench op        time the DropBlock op against an elementwise multiply, timm and torchvision.
+    bench inject    time plan() and inject() on fresh models.
 """
 
 from __future__ import annotations
@@ -28,7 +29,23 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--drop-prob", type=float, default=0.1, help="drop probability (default 0.1)")
     op.add_argument("--threads", type=_positive_int, default=None, help="torch.set_num_threads (default: torch's)")
     op.set_defaults(func=_run_bench_op)
+    inj = bench_sub.add_parser("inject", help="time plan() and inject() on fresh models")
+    inj.add_argument(
+        "models",
+        nargs="*",
+        default=["resnet50", "efficientnet_b0", "convnext_atto", "tv:resnet50"],
+        help="timm names or tv:<builder> (default: resnet50 efficientnet_b0 convnext_atto tv:resnet50)",
+    )
+    inj.add_argument("--repeats", type=_positive_int, default=5)
+    inj.set_defaults(func=_run_bench_inject)
     return parser
+
+
+def _run_bench_inject(args: argparse.Namespace) -> int:
+    from dropblock_inject.bench import bench_inject
+
+    bench_inject(args.models, repeats=args.repeats)
+    return 0
 
 
 def _positive_int(text: str) -> int:
