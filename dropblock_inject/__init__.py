@@ -11,7 +11,9 @@ Example:
 from dropblock_inject.api import inject, plan, strip
 from dropblock_inject.errors import DropBlockInjectError, NoSitesError, RecipeError, TraceError, VerificationError
 from dropblock_inject.op import DropBlock, block_geometry, drop_block
-from dropblock_inject.pipeline.plan import Plan, Rules, Site
+from dropblock_inject.pipeline.plan import Plan, Site
+from dropblock_inject.pipeline.rules import Rules
+from dropblock_inject.recipe import Recipe, list_recipes, load_recipe, recipe_for
 from dropblock_inject.schedule import DropBlockSchedule
 
 __version__ = "0.1.0"
@@ -22,6 +24,7 @@ __all__ = [
     "DropBlockSchedule",
     "NoSitesError",
     "Plan",
+    "Recipe",
     "RecipeError",
     "Rules",
     "Site",
@@ -31,6 +34,9 @@ __all__ = [
     "block_geometry",
     "drop_block",
     "inject",
+    "list_recipes",
+    "load_recipe",
     "plan",
+    "recipe_for",
     "strip",
 ]

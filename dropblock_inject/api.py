@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,16 +11,18 @@ from torch import nn
 
 from dropblock_inject.errors import DropBlockInjectError
 from dropblock_inject.pipeline.analyse import analyse
-from dropblock_inject.pipeline.plan import Plan, Rules, make_plan
+from dropblock_inject.pipeline.plan import Plan, make_plan
 from dropblock_inject.pipeline.rewrite import apply_plan, strip_model
+from dropblock_inject.pipeline.rules import Rules
 from dropblock_inject.pipeline.trace import LeafSpec
+from dropblock_inject.recipe import Recipe, resolve_rules
 
 __all__ = ["inject", "plan", "strip"]
 
 
 def plan(
     model: nn.Module,
-    recipe: Rules | None = None,
+    recipe: Recipe | Rules | str | Path | None = None,
     *,
     input_size: Sequence[int] | None = None,
     example_inputs: tuple[Any, ...] | torch.Tensor | None = None,
@@ -27,6 +30,7 @@ def plan(
     stages: int | list[int] | None = None,
     block_size: int | tuple[int, ...] | None = None,
     leaf_modules: Sequence[LeafSpec] = (),
+    model_name: str | None = None,
     **rules: Any,
 ) -> Plan:
     """The sites ``inject`` would patch, without touching the model (a dry run).
@@ -36,15 +40,17 @@ def plan(
 
     Args:
         model: A timm or torchvision model (or any ``nn.Module`` with convolutions).
-        recipe: :class:`~dropblock_inject.pipeline.plan.Rules`; None means the built-in default
-            (the paper's ResNet-50 setup generalised: the last two stages, block 7, a quarter of
-            the rate in the second-to-last).
+        recipe: ``None`` (the built-in default: the paper's ResNet-50 setup generalised: the
+            last two stages, block 7, a quarter of the rate in the second-to-last), ``"auto"``
+            (the shipped recipe for the model's family), a recipe name (``"resnet"``), a YAML
+            path, a :class:`~dropblock_inject.Recipe` or :class:`~dropblock_inject.Rules`.
         input_size: ``(C, H, W)`` or ``(C, D, H, W)`` without the batch dimension.
         example_inputs: The model's positional inputs instead of ``input_size``.
         drop_prob: Overrides the recipe's target rate.
         stages: Overrides the recipe's stages (an int N: the last N; a list of stage indices).
         block_size: Overrides the recipe's block size.
         leaf_modules: Module classes or path patterns the tracer must not enter.
+        model_name: The model's name for ``recipe="auto"`` (timm models carry theirs).
         **rules: Any other :class:`Rules` field (``gamma``, ``include``, ``exclude``, ``overrides`` ...).
 
     Returns:
@@ -62,7 +68,7 @@ def plan(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"plan() takes an nn.Module, got {type(model).__name__}")
-    base = recipe if recipe is not None else Rules()
+    base = resolve_rules(recipe, model, model_name)
     chosen = base.replace(drop_prob=drop_prob, stages=stages, block_size=block_size, **rules)
     inputs = _example_inputs(model, input_size, example_inputs)
     analysis = analyse(model, inputs, leaf_modules=leaf_modules)
@@ -82,7 +88,7 @@ def _scope(model: nn.Module, scope: str) -> str:
     return scope
 
 
-def inject(model: nn.Module, recipe: Rules | None = None, **overrides: Any) -> nn.Module:
+def inject(model: nn.Module, recipe: Recipe | Rules | str | Path | None = None, **overrides: Any) -> nn.Module:
     """Insert DropBlock before the activations of the deep stages of ``model``, in place.
 
     The model keeps its class, methods, attributes, ``state_dict`` keys and Parameter objects;

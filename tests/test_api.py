@@ -56,7 +56,7 @@ def run(model: nn.Module, x: torch.Tensor, train: bool) -> torch.Tensor:
 class TestPlan:
     def test_default_rules_pick_the_last_two_stages(self) -> None:
         p = dbi.plan(Net(), input_size=(3, 64, 64))
-        assert [feature for feature, _, _ in p.stages] == [(32, 32), (16, 16), (8, 8)]
+        assert [st.feature for st in p.stages] == [(32, 32), (16, 16), (8, 8)]
         assert {s.stage for s in p} == {1, 2}
         assert all(s.status == "new" for s in p)
         second_last = [s for s in p if s.stage == 1]
@@ -67,7 +67,19 @@ class TestPlan:
     def test_sites_are_conv_norm_act_chains_only(self) -> None:
         p = dbi.plan(Net(), input_size=(3, 64, 64), stages=3)
         assert all(s.norm.endswith("bn1") or s.norm.startswith("stem") for s in p)
-        assert any("residual add" in r for r in p.rejected)
+        # conv2 -> bn2 -> add -> relu is a site only when asked for (the TF reference does it)
+        residual = dbi.plan(Net(), input_size=(3, 64, 64), stages=3, residual_branch=True)
+        assert {s.role for s in residual} == {"main", "branch"}
+        assert {s.norm for s in residual if s.role == "branch"} >= {"stage3.1.bn2", "stage1.0.bn2"}
+
+    def test_projection_shortcut_role(self) -> None:
+        import torchvision
+
+        p = dbi.plan(torchvision.models.resnet50(), residual_branch=True, shortcut=True)
+        roles = {s.conv: s.role for s in p}
+        assert roles["layer4.0.downsample.0"] == "shortcut"
+        assert roles["layer4.0.conv3"] == "branch"
+        assert roles["layer4.0.conv2"] == "main"
 
     def test_overrides_follow_the_precedence(self) -> None:
         p = dbi.plan(

@@ -83,7 +83,7 @@ def test_plan_and_inject_names_and_stages() -> None:
     p = dbi.plan(tv.resnet50())
     # the paper's groups 3 and 4, minus layer3.0.conv1 which still runs at 28x28
     assert len(p) == 17
-    assert [f for f, _, _ in p.stages][-2:] == [(14, 14), (7, 7)]
+    assert [st.feature for st in p.stages][-2:] == [(14, 14), (7, 7)]
     assert {s.gamma_scale for s in p if s.feature == (14, 14)} == {0.25}
     assert {s.act for s in p} == {f"layer{i}.{j}.relu" for i, n in ((3, 6), (4, 3)) for j in range(n)}
     assert {s.call for s in p if s.norm.endswith("bn2")} == {1}  # the shared relu, second call

@@ -61,6 +61,9 @@ class Candidate:
         dilation: The convolution's dilation, None for 1x1 convolutions (they inherit their stage's).
         existing: ``"ours"`` / a class name when a DropBlock already sits there, else None.
         order: Execution order among all candidates.
+        role: ``"main"`` (conv -> norm -> act), or for conv -> norm -> add -> act: ``"branch"``
+            (the residual branch's last conv, or parallel branches as in RepVGG) or ``"shortcut"``
+            (a projection shortcut).
     """
 
     conv: str
@@ -75,6 +78,7 @@ class Candidate:
     dilation: int | None
     existing: str | None = None
     order: int = 0
+    role: str = "main"
 
 
 @dataclass
@@ -299,12 +303,26 @@ def _hides_convs(module: nn.Module) -> bool:
     return any(is_conv(m) for m in module.modules())
 
 
+@dataclass
+class _Chain:
+    """The state of one walk from a convolution towards its activation."""
+
+    node: fx.Node
+    conv: nn.Module
+    conv_path: str
+    host: str
+    kind: str = "hook"
+    norm: str | None = None
+    existing: str | None = None
+    role: str = "main"
+
+
 def _follow_chain(
     gm: fx.GraphModule, conv_node: fx.Node, conv: nn.Module, path: str, result: Analysis, root: nn.Module
 ) -> None:
-    """From a convolution, follow single-user norm/slot links to an activation."""
+    """From a convolution, follow single-user norm/slot links (and residual sums) to an activation."""
     conv_path = _join(path, str(conv_node.target))
-    host, kind, norm, existing = conv_path, "hook", None, None
+    chain = _Chain(conv_node, conv, conv_path, host=conv_path)
     node = conv_node
     while True:
         users = list(node.users)
@@ -315,32 +333,78 @@ def _follow_chain(
         user = users[0]
         module = node_module(gm, user)
         target_path = _join(path, str(user.target)) if module is not None else None
-        if module is not None and is_fused_norm_act(module):
-            norm = target_path
+        if module is not None and is_fused_norm_act(module) and chain.role == "main":
+            chain.norm = target_path
             if fused_has_activation(module):
-                existing = _existing(module.drop) or existing
-                act = f"{target_path}.act"
-                return _accept(result, conv_node, conv, conv_path, norm, act, target_path, "fused", existing, root, 0)
-            host, kind = target_path, "hook"
-        elif module is not None and is_dropblock(module):
-            existing, host, kind = _existing(module), target_path, "slot"
-        elif module is not None and is_slot(module):
-            host, kind = target_path, "slot"
-        elif module is not None and is_norm(module):
-            norm, host, kind = target_path, target_path, "hook"
+                chain.existing = _existing(module.drop) or chain.existing
+                chain.host, chain.kind = target_path, "fused"
+                return _accept(result, chain, f"{target_path}.act", 0, root)
+            chain.host, chain.kind = target_path, "hook"
+        elif module is not None and is_dropblock(module) and chain.role == "main":
+            chain.existing, chain.host, chain.kind = _existing(module), target_path, "slot"
+        elif module is not None and is_slot(module) and chain.role == "main":
+            chain.host, chain.kind = target_path, "slot"
+        elif module is not None and is_norm(module) and chain.role == "main":
+            chain.norm, chain.host, chain.kind = target_path, target_path, "hook"
+        elif module is not None and is_slot(module) and not is_dropblock(module):
+            pass  # an identity after a residual sum (timm's drop_path / attn placeholders)
+        elif is_residual_merge(user.op, user.target):
+            if chain.role == "main":
+                chain.role = _residual_role(conv_node, node, user)
         else:
             act = activation_name(user.op, user.target, module)
-            if act is not None and norm is None and _feeds_norm(gm, user):
+            if act is not None and chain.norm is None and _feeds_norm(gm, user):
                 result.rejected.append(Rejected(conv_path, "conv -> act -> norm (the norm comes after the activation)"))
                 return
-            if act is not None:
-                act_name = target_path or act
-                call = user.meta.get("call_index", 0)
-                return _accept(result, conv_node, conv, conv_path, norm, act_name, host, kind, existing, root, call)
-            what = "a residual add" if is_residual_merge(user.op, user.target) else describe_target(user, module)
+            if act is not None and (chain.role == "main" or chain.kind == "hook"):
+                return _accept(result, chain, target_path or act, user.meta.get("call_index", 0), root)
+            what = "a residual add" if chain.role != "main" else describe_target(user, module)
             result.rejected.append(Rejected(conv_path, f"goes to {what}, not an activation"))
             return
         node = user
+
+
+def _residual_role(conv_node: fx.Node, operand: fx.Node, add: fx.Node) -> str:
+    """``"shortcut"`` for a projection shortcut, ``"branch"`` for the residual branch's last conv.
+
+    The shortcut's convolution reads the block input that the other operand of the sum was
+    computed from through more layers; parallel branches (RepVGG) read the same input.
+    """
+    others = [a for a in add.all_input_nodes if a is not operand]
+    source = conv_node.args[0] if conv_node.args and isinstance(conv_node.args[0], fx.Node) else None
+    if source is None or not others:
+        return "branch"
+    other = others[0]
+    if _conv_input(other) is source:
+        return "branch"
+    return "shortcut" if _is_ancestor(source, other) else "branch"
+
+
+def _conv_input(node: fx.Node) -> fx.Node | None:
+    """The input of the convolution that ``node`` comes from through single-input layers, if any."""
+    for _ in range(8):
+        if node.op == "call_module" and node.graph.owning_module is not None:
+            module = node.graph.owning_module.get_submodule(str(node.target))
+            if is_conv(module):
+                return node.args[0] if isinstance(node.args[0], fx.Node) else None
+        inputs = node.all_input_nodes
+        if len(inputs) != 1:
+            return None
+        node = inputs[0]
+    return None
+
+
+def _is_ancestor(candidate: fx.Node, node: fx.Node) -> bool:
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current is candidate:
+            return True
+        for parent in current.all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                stack.append(parent)
+    return False
 
 
 def _feeds_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -355,34 +419,20 @@ def _existing(module: nn.Module) -> str | None:
     return "ours" if getattr(module, "injected", False) else type(module).__name__
 
 
-def _accept(
-    result: Analysis,
-    conv_node: fx.Node,
-    conv: nn.Module,
-    conv_path: str,
-    norm: str | None,
-    act: str,
-    host: str,
-    kind: str,
-    existing: str | None,
-    root: nn.Module,
-    call: int,
-) -> None:
-    val = conv_node.meta["val"]
+def _accept(result: Analysis, chain: _Chain, act: str, call: int, root: nn.Module) -> None:
+    val = chain.node.meta["val"]
     feature = tuple(int(s) for s in val.shape[2:])
     if all(s == 1 for s in feature):
-        result.rejected.append(Rejected(conv_path, "1x1 feature map (a pooled gate or head)"))
+        result.rejected.append(Rejected(chain.conv_path, "1x1 feature map (a pooled gate or head)"))
         return
     spatial = result.input_spatial
     stride = max(1, round(spatial[0] / feature[0])) if spatial and feature and feature[0] else 1
+    conv = chain.conv
     kernel = conv.kernel_size if isinstance(conv.kernel_size, tuple) else (conv.kernel_size,)
     dilation = int(conv.dilation[0]) if max(kernel) > 1 else None
-    if (
-        kind == "hook"
-        and existing is None
-        and isinstance(getattr(root.get_submodule(host), HOOK_ATTR, None), nn.Module)
-    ):
+    existing = chain.existing
+    hooked = isinstance(getattr(root.get_submodule(chain.host), HOOK_ATTR, None), nn.Module)
+    if chain.kind == "hook" and existing is None and hooked:
         existing = "ours"
-    result.candidates.append(
-        Candidate(conv_path, norm, act, host, kind, call, feature, int(val.shape[1]), stride, dilation, existing)
-    )
+    fields = (chain.conv_path, chain.norm, act, chain.host, chain.kind, call, feature, int(val.shape[1]), stride)
+    result.candidates.append(Candidate(*fields, dilation, existing, role=chain.role))

@@ -7,93 +7,37 @@ last two stages get DropBlock, the second-to-last at a quarter of the rate (TF r
 ResNet-50 these are the paper's groups 3 and 4, except the first 1x1 convolution of each group,
 which still runs at the previous resolution (select by module name to include it).
 
-Rules apply with one precedence: global < stage < module-name pattern < exact name; exclusions
-win over everything.
+The rules (:mod:`~dropblock_inject.pipeline.rules`) pick sites and settings with one precedence:
+global < stage < module-name pattern < exact name; exclusions win over everything.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import math
+import warnings
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple
 
 from dropblock_inject.errors import NoSitesError, RecipeError
-from dropblock_inject.op.functional import _as_block_tuple, validate_args
+from dropblock_inject.op.functional import _as_block_tuple
 from dropblock_inject.op.geometry import block_geometry
 from dropblock_inject.pipeline.analyse import Analysis, Candidate
+from dropblock_inject.pipeline.rules import Rules, matches
 
-__all__ = ["Plan", "Rules", "Site", "make_plan"]
+__all__ = ["Plan", "Site", "Stage", "make_plan"]
 
-SITE_SETTINGS = ("drop_prob", "block_size", "gamma_scale")
 _OUT_OF_SCOPE = -1  # the stage of an included site outside the scope
 
 
-@dataclass
-class Rules:
-    """Which sites get DropBlock and with which settings.
+class Stage(NamedTuple):
+    """One stage: a (feature size, dilation) pair, its output stride and its candidate count."""
 
-    Attributes:
-        drop_prob: Target drop rate of every site (before ``gamma_scale``).
-        stages: ``None`` (the last two stages), an int N (the last N stages) or a list of stage
-            indices (negative ones count from the end).
-        block_size: Block size for every site, clipped to each feature map.
-        stage_gamma_scale: Rate scale per stage index (negative: from the end).
-        stage_block_size: Block size per stage index (negative: from the end).
-        gamma: ``"paper"`` or ``"calibrated"``.
-        shared_channels: One mask per sample shared by all channels.
-        include: Module-path patterns (fnmatch on the site's conv, norm or host path) selected on
-            top of the stage rule.
-        exclude: Module-path patterns never patched (they win over everything).
-        overrides: Module-path pattern or exact path -> settings (``drop_prob``, ``block_size``,
-            ``gamma_scale``); exact paths beat patterns.
-        scope: The part of the model whose sites form the stages: ``"auto"`` (the ``backbone``
-            submodule when the model has one, as torchvision's detection and segmentation models
-            do, else everything), ``"all"``, or a module path. Sites outside it are patched only
-            through ``include``.
-
-    Example:
-        >>> Rules(drop_prob=0.2, stages=[-1], exclude=["layer4.2.*"]).drop_prob
-        0.2
-    """
-
-    drop_prob: float = 0.1
-    stages: int | list[int] | None = None
-    block_size: int | tuple[int, ...] = 7
-    stage_gamma_scale: dict[int, float] = field(default_factory=lambda: {-2: 0.25})
-    stage_block_size: dict[int, int | tuple[int, ...]] = field(default_factory=dict)
-    gamma: str = "paper"
-    shared_channels: bool = False
-    include: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
-    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
-    scope: str = "auto"
-
-    def __post_init__(self) -> None:
-        validate_args(self.drop_prob, self.block_size, 1.0, self.gamma, "valid")
-        if self.stages is not None and not isinstance(self.stages, int):
-            if not all(isinstance(s, int) and not isinstance(s, bool) for s in self.stages):
-                raise RecipeError(f"stages must be None, an int or a list of ints, got {self.stages!r}")
-            self.stages = list(self.stages)
-        elif isinstance(self.stages, int) and self.stages < 1:
-            raise RecipeError(f"stages as an int is the number of last stages (>= 1), got {self.stages}")
-        for size in self.stage_block_size.values():
-            _as_block_tuple(size)
-        for pattern, settings in self.overrides.items():
-            unknown = set(settings) - set(SITE_SETTINGS)
-            if unknown:
-                raise RecipeError(f"override {pattern!r} has unknown keys {sorted(unknown)}; allowed: {SITE_SETTINGS}")
-
-    def replace(self, **changes: Any) -> Rules:
-        """A copy with ``changes`` applied (``None`` values are ignored)."""
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        values.update({k: v for k, v in changes.items() if v is not None})
-        return Rules(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    feature: tuple[int, ...]
+    dilation: int
+    stride: int
+    candidates: int
 
 
 @dataclass
@@ -101,7 +45,8 @@ class Site:
     """One call site in a :class:`Plan`: where, at which stage, with which settings.
 
     ``status`` is ``"new"`` (inject adds a DropBlock), ``"patched"`` (ours is there already)
-    or ``"covered"`` (another library's DropBlock is there; left as it is).
+    or ``"covered"`` (another library's DropBlock is there; left as it is). ``role`` is
+    ``"main"``, ``"branch"`` or ``"shortcut"`` (see :class:`~dropblock_inject.pipeline.analyse.Candidate`).
     """
 
     conv: str
@@ -120,6 +65,7 @@ class Site:
     drop_prob: float
     expected_drop: float
     status: str
+    role: str = "main"
 
     @property
     def rate(self) -> float:
@@ -133,7 +79,7 @@ class Plan(Sequence[Site]):
     Attributes:
         model: The model's class name.
         input_size: The input size used for feature sizes, ``(C, H, W)`` or ``(C, D, H, W)``.
-        stages: One ``(feature size, dilation, candidate count)`` per stage, in order.
+        stages: One :class:`Stage` per stage, in order.
         rules: The rules that chose the sites.
         rejected: How many convolutions were not sites, by reason.
         candidates: Number of candidate sites in all stages.
@@ -145,7 +91,7 @@ class Plan(Sequence[Site]):
         *,
         model: str,
         input_size: tuple[int, ...],
-        stages: list[tuple[tuple[int, ...], int, int]],
+        stages: list[Stage],
         rules: Rules,
         rejected: Counter[str],
         candidates: int,
@@ -189,22 +135,21 @@ def make_plan(analysis: Analysis, rules: Rules, *, model: str, input_size: tuple
 
     Raises:
         NoSitesError: The model has no candidate site, or the rules select none.
+        RecipeError: A pattern of the rules matches no site, or a stage does not exist.
     """
     rejected = Counter(r.reason for r in analysis.rejected)
-    if not analysis.candidates:
+    enabled = [c for c in analysis.candidates if _role_enabled(c.role, rules)]
+    if not enabled:
         raise NoSitesError(_no_candidates_message(model, analysis, rejected))
-    in_scope = [c for c in analysis.candidates if not scope or c.conv.startswith(scope + ".")]
-    stage_of, stages = _assign_stages(in_scope or analysis.candidates)
-    chosen = _chosen_stages(rules, len(stages))
-    sites = []
-    for cand in analysis.candidates:
-        site = _site(cand, stage_of.get(cand.order, -1), stages, chosen, rules)
-        if site is not None:
-            sites.append(site)
-    sites = _whole_hosts(sites, analysis.candidates, stage_of, stages, rules)
+    _check_patterns(rules, enabled, model)
+    in_scope = [c for c in enabled if not scope or c.conv.startswith(scope + ".")]
+    stage_of, stages = _assign_stages(in_scope or enabled)
+    chosen = rules.chosen_stages([s.stride for s in stages])
+    sites = [site for c in enabled if (site := _site(c, stage_of.get(c.order, _OUT_OF_SCOPE), stages, chosen, rules))]
+    sites = _whole_hosts(sites, enabled)
     if not sites:
         raise NoSitesError(
-            f"the rules select none of the {len(analysis.candidates)} candidate sites of {model} "
+            f"the rules ({rules.source}) select none of the {len(enabled)} candidate sites of {model} "
             f"(stages: {_stage_list(stages)}; chosen: {sorted(chosen)}). Pick stages=[...] or include=[...] patterns."
         )
     return Plan(
@@ -214,109 +159,102 @@ def make_plan(analysis: Analysis, rules: Rules, *, model: str, input_size: tuple
         stages=stages,
         rules=rules,
         rejected=rejected,
-        candidates=len(analysis.candidates),
+        candidates=len(enabled),
         gamma=rules.gamma,
         shared_channels=rules.shared_channels,
     )
 
 
-def _assign_stages(candidates: list[Candidate]) -> tuple[dict[int, int], list[tuple[tuple[int, ...], int, int]]]:
-    """Stage index of each candidate (by ``order``) and the stage list ``(feature, dilation, count)``."""
+def _role_enabled(role: str, rules: Rules) -> bool:
+    return role == "main" or (role == "branch" and rules.residual_branch) or (role == "shortcut" and rules.shortcut)
+
+
+def _paths(c: Candidate) -> list[str]:
+    return [p for p in (c.conv, c.norm, c.host) if p]
+
+
+def _check_patterns(rules: Rules, candidates: list[Candidate], model: str) -> None:
+    all_paths = [p for c in candidates for p in _paths(c)]
+    for key, patterns in rules.patterns.items():
+        for pattern in patterns:
+            if not matches(all_paths, [pattern]):
+                example = ", ".join(sorted({c.host for c in candidates})[:3])
+                raise RecipeError(
+                    f"{rules.source}: {key} pattern {pattern!r} matches no site of {model} "
+                    f"(sites are named like {example})"
+                )
+
+
+def _assign_stages(candidates: list[Candidate]) -> tuple[dict[int, int], list[Stage]]:
+    """Stage index of each candidate (by ``order``) and the stages, by first appearance."""
     keys: dict[tuple[tuple[int, ...], int], int] = {}
     counts: Counter[int] = Counter()
+    strides: dict[int, int] = {}
     last_dilation: dict[tuple[int, ...], int] = {}
     stage_of = {}
     for c in candidates:
         dilation = c.dilation if c.dilation is not None else last_dilation.get(c.feature, 1)
         last_dilation[c.feature] = dilation
         stage = keys.setdefault((c.feature, dilation), len(keys))
+        strides.setdefault(stage, c.stride)
         stage_of[c.order] = stage
         counts[stage] += 1
-    stages = [(feature, dilation, counts[i]) for (feature, dilation), i in keys.items()]
+    stages = [Stage(feature, dilation, strides[i], counts[i]) for (feature, dilation), i in keys.items()]
     return stage_of, stages
 
 
-def _chosen_stages(rules: Rules, n: int) -> set[int]:
-    if rules.stages is None:
-        return set(range(max(n - 2, 0), n))
-    if isinstance(rules.stages, int):
-        return set(range(max(n - rules.stages, 0), n))
-    chosen = set()
-    for s in rules.stages:
-        if not -n <= s < n:
-            raise RecipeError(f"stage {s} does not exist: the model has {n} stages (0..{n - 1}, or -{n}..-1)")
-        chosen.add(s % n)
-    return chosen
-
-
-def _site(cand: Candidate, stage: int, stages: list, chosen: set[int], rules: Rules) -> Site | None:
-    paths = [p for p in (cand.conv, cand.norm, cand.host) if p]
-    if any(fnmatch.fnmatchcase(p, pat) for p in paths for pat in rules.exclude):
+def _site(cand: Candidate, stage: int, stages: list[Stage], chosen: set[int], rules: Rules) -> Site | None:
+    paths = _paths(cand)
+    if matches(paths, rules.exclude):
         return None
-    included = any(fnmatch.fnmatchcase(p, pat) for p in paths for pat in rules.include)
-    if stage not in chosen and not included:
+    if stage not in chosen and not matches(paths, rules.include + rules.modules):
         return None
-    settings = _settings_for(cand, stage, len(stages), rules)
-    dilation = stages[stage][1] if stage >= 0 else (cand.dilation or 1)
-    block = _as_block_tuple(settings["block_size"])
-    block = block * len(cand.feature) if len(block) == 1 else block
+    settings = rules.settings_for(paths, stage, len(stages))
+    block = _block_for(cand.feature, settings["block_size"], rules.block_fraction)
     geom = block_geometry(cand.feature, block, "valid")
-    rate = settings["drop_prob"] * settings["gamma_scale"]
-    expected = geom.expected_drop(geom.seed_rate(min(rate, 1.0), rules.gamma))
+    rate = min(settings["drop_prob"] * settings["gamma_scale"], 1.0)
     status = "new" if cand.existing is None else ("patched" if cand.existing == "ours" else "covered")
-    stage = stage if stage >= 0 else _OUT_OF_SCOPE
     return Site(
         **{
             k: getattr(cand, k)
             for k in ("conv", "norm", "act", "host", "kind", "call", "stride", "feature", "channels")
         },
         stage=stage,
-        dilation=dilation,
+        dilation=stages[stage].dilation if stage >= 0 else (cand.dilation or 1),
         block_size=block,
         gamma_scale=settings["gamma_scale"],
         drop_prob=settings["drop_prob"],
-        expected_drop=expected,
+        expected_drop=geom.expected_drop(geom.seed_rate(rate, rules.gamma)),
         status=status,
+        role=cand.role,
     )
 
 
-def _settings_for(cand: Candidate, stage: int, n_stages: int, rules: Rules) -> dict[str, Any]:
-    """global < stage < module-name pattern < exact name."""
-    settings: dict[str, Any] = {"drop_prob": rules.drop_prob, "block_size": rules.block_size, "gamma_scale": 1.0}
-    for key, table in (("gamma_scale", rules.stage_gamma_scale), ("block_size", rules.stage_block_size)):
-        for s, value in table.items():
-            if stage >= 0 and s % n_stages == stage and -n_stages <= s < n_stages:
-                settings[key] = value
-    paths = [p for p in (cand.conv, cand.norm, cand.host) if p]
-    exact = {k: v for k, v in rules.overrides.items() if k in paths}
-    patterns = {k: v for k, v in rules.overrides.items() if k not in exact}
-    for pattern, values in patterns.items():
-        if any(fnmatch.fnmatchcase(p, pattern) for p in paths):
-            settings.update(values)
-    for values in exact.values():
-        settings.update(values)
-    return settings
+def _block_for(feature: tuple[int, ...], block_size: Any, fraction: float | None) -> tuple[int, ...]:
+    if fraction is not None:
+        side = min(feature)
+        odd = 2 * math.floor((fraction * side - 1) / 2 + 0.5) + 1  # the odd number nearest fraction * side
+        return (max(1, min(odd, side if side % 2 else side - 1)),) * len(feature)
+    block = _as_block_tuple(block_size)
+    return block * len(feature) if len(block) == 1 else block
 
 
-def _whole_hosts(sites: list[Site], candidates: list[Candidate], stage_of, stages, rules: Rules) -> list[Site]:
+def _whole_hosts(sites: list[Site], candidates: list[Candidate]) -> list[Site]:
     """A hooked module applies its DropBlock at every call: keep a host's calls all or none."""
-    selected_hosts = {s.host for s in sites}
     calls = Counter(c.host for c in candidates)
-    kept = [s for s in sites if calls[s.host] == sum(1 for t in sites if t.host == s.host)]
-    dropped_hosts = selected_hosts - {s.host for s in kept}
-    if dropped_hosts:
-        import warnings
-
+    selected = Counter(s.host for s in sites)
+    partial = sorted(h for h in selected if selected[h] != calls[h])
+    if partial:
         warnings.warn(
-            f"skipped {sorted(dropped_hosts)}: these modules are called at several places and the rules select only "
-            f"some of them (a DropBlock on a module applies at every call)",
+            f"skipped {partial}: these modules are called at several places and the rules select only some of "
+            f"them (a DropBlock on a module applies at every call)",
             stacklevel=3,
         )
-    return kept
+    return [s for s in sites if s.host not in partial]
 
 
-def _stage_list(stages: list[tuple[tuple[int, ...], int, int]]) -> str:
-    return ", ".join(f"{i}: {_size(f)} d{d} ({n})" for i, (f, d, n) in enumerate(stages))
+def _stage_list(stages: list[Stage]) -> str:
+    return ", ".join(f"{i}: {_size(s.feature)} d{s.dilation} ({s.candidates})" for i, s in enumerate(stages))
 
 
 def _size(feature: tuple[int, ...]) -> str:
@@ -324,6 +262,13 @@ def _size(feature: tuple[int, ...]) -> str:
 
 
 def _no_candidates_message(model: str, analysis: Analysis, rejected: Counter[str]) -> str:
+    residual = Counter(c.role for c in analysis.candidates if c.role != "main")
+    if residual:
+        return (
+            f"no DropBlock site in {model} with these rules: its {sum(residual.values())} conv -> norm outputs reach "
+            f"an activation only through a residual sum ({dict(residual)}); pass residual_branch=True (and/or "
+            f"shortcut=True), as the repvgg recipe does."
+        )
     if not rejected:
         what = "no spatial convolution was found (a transformer or MLP model?)"
     else:
@@ -351,11 +296,13 @@ def _format_plan(plan: Plan) -> str:
              f"(gamma={plan.gamma}{', shared channels' if plan.shared_channels else ''})"]  # fmt: skip
     for r in [header, *rows]:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-    lines.append("stages (feature, dilation, candidates -> patched):")
+    lines.append("stages (feature, dilation, stride, candidates -> patched):")
     per_stage = Counter(s.stage for s in plan)
-    for i, (feature, dilation, n) in enumerate(plan.stages):
+    for i, st in enumerate(plan.stages):
         mark = f"{per_stage[i]} sites" if per_stage[i] else "-"
-        lines.append(f"  {i}: {_size(feature):>9} d{dilation}  {n:3d} candidates -> {mark}")
+        lines.append(
+            f"  {i}: {_size(st.feature):>9} d{st.dilation}  /{st.stride:<3} {st.candidates:3d} candidates -> {mark}"
+        )
     if plan.rejected:
         reasons = ", ".join(f"{r} x{n}" for r, n in plan.rejected.most_common(3))
         lines.append(f"not sites: {sum(plan.rejected.values())} convolutions ({reasons})")
@@ -374,12 +321,3 @@ def _weighted_drop(plan: Plan) -> float:
     weights = [math.prod(s.feature) * s.channels for s in plan]
     total = sum(weights) or 1
     return sum(w * s.expected_drop for w, s in zip(weights, plan)) / total
-
-
-def rules_from_mapping(values: Mapping[str, Any]) -> Rules:
-    """Rules from a plain mapping, naming unknown keys."""
-    known = {f.name for f in fields(Rules)}
-    unknown = set(values) - known
-    if unknown:
-        raise RecipeError(f"unknown rule keys {sorted(unknown)}; allowed: {sorted(known)}")
-    return Rules(**values)

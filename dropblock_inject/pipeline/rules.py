@@ -1,0 +1,165 @@
+"""The rules that pick sites and their settings; a recipe file is these rules written down.
+
+One precedence, like ``QConfigMapping`` and PEFT's ``target_modules``: global < stage <
+module-name pattern < exact module name, and exclusions win over everything. Patterns are
+``fnmatch`` patterns over a site's module paths (its convolution, norm or host).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from dropblock_inject.errors import RecipeError
+from dropblock_inject.op.functional import _as_block_tuple, validate_args
+
+__all__ = ["SITE_SETTINGS", "Rules"]
+
+SITE_SETTINGS = ("drop_prob", "block_size", "gamma_scale")
+
+
+@dataclass
+class Rules:
+    """Which sites get DropBlock and with which settings.
+
+    Stage selection is the union of ``stages``, ``strides`` and ``modules`` (the last two stages
+    when none is given), plus ``include``, minus ``exclude``.
+
+    Attributes:
+        drop_prob: Target drop rate of every site (before ``gamma_scale``).
+        stages: ``None``, an int N (the last N stages) or a list of stage indices (negative ones
+            count from the end).
+        strides: Select the stages at these output strides (e.g. ``[16, 32]``).
+        modules: Select sites by module-path pattern instead of by stage.
+        block_size: Block size for every site, clipped to each feature map.
+        block_fraction: When set, the block side is this fraction of the feature map's smaller
+            side, rounded to the nearest odd number (at least 1); beats ``block_size``.
+        stage_gamma_scale: Rate scale per stage index (negative: from the end).
+        stage_block_size: Block size per stage index (negative: from the end).
+        gamma: ``"paper"`` or ``"calibrated"``.
+        shared_channels: One mask per sample shared by all channels.
+        residual_branch: Also drop on the residual branch's last conv -> norm before the sum
+            (``conv -> norm -> add -> act``; the TF reference, and how RepVGG-style nets reach
+            their activation).
+        shortcut: Also drop on projection shortcuts (``downsample`` conv -> norm -> add).
+        include: Module-path patterns selected on top of the stage selection.
+        exclude: Module-path patterns never patched.
+        overrides: Module-path pattern or exact path -> settings (``drop_prob``, ``block_size``,
+            ``gamma_scale``); exact paths beat patterns.
+        scope: The part of the model whose sites form the stages: ``"auto"`` (the ``backbone``
+            submodule when the model has one, as torchvision's detection and segmentation models
+            do, else everything), ``"all"``, or a module path.
+        source: Where the rules come from (a recipe file), for error messages.
+
+    Example:
+        >>> Rules(drop_prob=0.2, stages=[-1], exclude=["layer4.2.*"]).drop_prob
+        0.2
+    """
+
+    drop_prob: float = 0.1
+    stages: int | list[int] | None = None
+    strides: list[int] = field(default_factory=list)
+    modules: list[str] = field(default_factory=list)
+    block_size: int | tuple[int, ...] = 7
+    block_fraction: float | None = None
+    stage_gamma_scale: dict[int, float] = field(default_factory=lambda: {-2: 0.25})
+    stage_block_size: dict[int, int | tuple[int, ...]] = field(default_factory=dict)
+    gamma: str = "paper"
+    shared_channels: bool = False
+    residual_branch: bool = False
+    shortcut: bool = False
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    scope: str = "auto"
+    source: str = field(default="arguments", compare=False)
+
+    def __post_init__(self) -> None:
+        try:
+            validate_args(self.drop_prob, self.block_size, 1.0, self.gamma, "valid")
+            for size in self.stage_block_size.values():
+                _as_block_tuple(size)
+        except (TypeError, ValueError) as e:
+            raise RecipeError(f"{self.source}: {e}") from e
+        self._check_stages()
+        if self.block_fraction is not None and not 0.0 < self.block_fraction <= 1.0:
+            raise RecipeError(f"{self.source}: block_fraction must be in (0, 1], got {self.block_fraction}")
+        for pattern, settings in self.overrides.items():
+            unknown = set(settings) - set(SITE_SETTINGS)
+            if unknown:
+                raise RecipeError(
+                    f"{self.source}: override {pattern!r} has unknown keys {sorted(unknown)}; allowed: {SITE_SETTINGS}"
+                )
+
+    def _check_stages(self) -> None:
+        if isinstance(self.stages, bool) or (isinstance(self.stages, int) and self.stages < 1):
+            raise RecipeError(f"{self.source}: stages as an int is the number of last stages (>= 1), got {self.stages}")
+        if self.stages is not None and not isinstance(self.stages, int):
+            if not all(isinstance(s, int) and not isinstance(s, bool) for s in self.stages):
+                raise RecipeError(f"{self.source}: stages must be an int or a list of ints, got {self.stages!r}")
+            self.stages = list(self.stages)
+        if not all(isinstance(s, int) and s >= 1 for s in self.strides):
+            raise RecipeError(f"{self.source}: strides must be positive ints, got {self.strides!r}")
+
+    def replace(self, **changes: Any) -> Rules:
+        """A copy with ``changes`` applied (``None`` values are ignored); names unknown keys."""
+        known = {f.name for f in fields(self)}
+        unknown = set(changes) - known
+        if unknown:
+            raise RecipeError(f"unknown rule keys {sorted(unknown)}; allowed: {sorted(known - {'source'})}")
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update({k: v for k, v in changes.items() if v is not None})
+        return Rules(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict of the rules (the inverse of ``Rules(**d)``)."""
+        return {k: v for k, v in asdict(self).items() if k != "source"}
+
+    @property
+    def patterns(self) -> dict[str, list[str]]:
+        """Every module-path pattern, by the key it came from (for "matches nothing" checks)."""
+        return {"include": self.include, "exclude": self.exclude, "modules": self.modules,
+                "overrides": list(self.overrides)}  # fmt: skip
+
+    def chosen_stages(self, strides: list[int]) -> set[int]:
+        """Stage indices selected by ``stages`` and ``strides``, given each stage's stride."""
+        n = len(strides)
+        if self.stages is None and not self.strides and not self.modules:
+            return set(range(max(n - 2, 0), n))
+        chosen = {i for i, s in enumerate(strides) if s in self.strides}
+        if isinstance(self.stages, int):
+            chosen |= set(range(max(n - self.stages, 0), n))
+        for s in self.stages if isinstance(self.stages, list) else []:
+            if not -n <= s < n:
+                raise RecipeError(
+                    f"{self.source}: stage {s} does not exist: the model has {n} stages (0..{n - 1}, or -{n}..-1)"
+                )
+            chosen.add(s % n)
+        missing = set(self.strides) - set(strides)
+        if missing:
+            raise RecipeError(
+                f"{self.source}: strides {sorted(missing)} do not exist; the stages' strides are {strides}"
+            )
+        return chosen
+
+    def settings_for(self, paths: list[str], stage: int, n_stages: int) -> dict[str, Any]:
+        """drop_prob, block_size and gamma_scale of a site: global < stage < pattern < exact name."""
+        settings: dict[str, Any] = {"drop_prob": self.drop_prob, "block_size": self.block_size, "gamma_scale": 1.0}
+        if stage >= 0:
+            for key, table in (("gamma_scale", self.stage_gamma_scale), ("block_size", self.stage_block_size)):
+                for s, value in table.items():
+                    if -n_stages <= s < n_stages and s % n_stages == stage:
+                        settings[key] = value
+        exact = {k: v for k, v in self.overrides.items() if k in paths}
+        for pattern, values in self.overrides.items():
+            if pattern not in exact and matches(paths, [pattern]):
+                settings.update(values)
+        for values in exact.values():
+            settings.update(values)
+        return settings
+
+
+def matches(paths: list[str], patterns: list[str]) -> bool:
+    """True when any path matches any fnmatch pattern."""
+    return any(fnmatch.fnmatchcase(p, pat) for p in paths for pat in patterns)
