@@ -13,9 +13,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from dropblock_inject.errors import DropBlockInjectError
 from dropblock_inject.op.functional import drop_block
 
-__all__ = ["OP_SHAPES", "bench_inject", "bench_op", "time_interleaved"]
+__all__ = ["OP_SHAPES", "bench_inject", "bench_op", "bench_step", "time_interleaved"]
 
 OP_SHAPES: tuple[tuple[tuple[int, ...], int], ...] = (
     ((32, 256, 56, 56), 7),
@@ -129,6 +130,78 @@ def bench_inject(
         rows.append(row)
         print_fn(f"  {name:<28} {sites:4d} sites  plan {row['plan_s']:.3f} s  inject {row['inject_s']:.3f} s")
     return rows
+
+
+def bench_step(
+    name: str,
+    *,
+    batch_size: int = 8,
+    input_size: Sequence[int] = (3, 224, 224),
+    repeats: int = 5,
+    recipe: str | None = None,
+    drop_prob: float = 0.1,
+    print_fn: Callable[[str], None] = print,
+) -> dict[str, float]:
+    """Training-step and eval time of the patched model against the unpatched one (and against
+    itself, A/A, to show the noise), and of timm's own ``drop_block_rate`` where the model takes it.
+
+    All candidates are built from the same weights and run interleaved; the DropBlocks run at
+    their full target rate (the end of the schedule). Returns the median seconds per candidate.
+    """
+    import copy
+
+    from dropblock_inject.api import inject
+    from dropblock_inject.models import create_model
+
+    torch.manual_seed(0)
+    base = create_model(name)
+    models = {"unpatched": base, "unpatched (A/A)": copy.deepcopy(base)}
+    models["patched"] = inject(copy.deepcopy(base), recipe, drop_prob=drop_prob, input_size=tuple(input_size))
+    try:
+        timm_model = create_model(name, drop_block_rate=drop_prob)
+        timm_model.load_state_dict(base.state_dict())
+        models["timm drop_block_rate"] = timm_model
+    except (TypeError, RuntimeError, DropBlockInjectError):
+        pass  # the model does not take drop_block_rate
+    x = torch.randn(batch_size, *input_size)
+    fns: dict[str, Callable[[], object]] = {}
+    for label, model in models.items():
+        fns[f"train {label}"] = _train_step(model, x)
+    for label in ("unpatched", "patched"):
+        fns[f"eval {label}"] = _eval_step(models[label], x)
+    times = time_interleaved(fns, repeats, number=1)
+    print_fn(f"bench step {name}: batch {batch_size}, input {'x'.join(map(str, input_size))}, threads="
+             f"{torch.get_num_threads()}, median of {repeats} interleaved turns")  # fmt: skip
+    for phase in ("train", "eval"):
+        floor = times[f"{phase} unpatched"]
+        for key, t in times.items():
+            if key.startswith(phase):
+                print_fn(f"  {key:<28} {t * 1e3:9.1f} ms  {t / floor:6.3f}x unpatched")
+    return times
+
+
+def _train_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def step() -> object:
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        out = model(x)
+        loss = (out["out"] if isinstance(out, dict) else out).float().square().mean()
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+def _eval_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    def step() -> object:
+        model.eval()
+        with torch.no_grad():
+            return model(x)
+
+    return step
 
 
 if __name__ == "__main__":  # python -m dropblock_inject.bench op

@@ -3,6 +3,8 @@
 Subcommands:
     bench op        time the DropBlock op against an elementwise multiply, timm and torchvision.
     bench inject    time plan() and inject() on fresh models.
+    bench step      training-step and eval time, patched vs unpatched (and timm's own DropBlock).
+    viz             sample masks of each patched stage and the schedule curve, as a PNG.
 """
 
 from __future__ import annotations
@@ -38,7 +40,51 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inj.add_argument("--repeats", type=_positive_int, default=5)
     inj.set_defaults(func=_run_bench_inject)
+    step = bench_sub.add_parser("step", help="training-step and eval time, patched vs unpatched vs timm's own")
+    step.add_argument("model", help="timm name, tv:<builder> or module:callable")
+    step.add_argument("--batch-size", type=_positive_int, default=8)
+    step.add_argument("--input-size", type=_positive_int, nargs="+", default=[3, 224, 224], metavar="N")
+    step.add_argument("--repeats", type=_positive_int, default=5)
+    step.add_argument("--recipe", default=None, help="recipe name or YAML path (default: built-in rules)")
+    step.add_argument("--drop-prob", type=float, default=0.1)
+    step.set_defaults(func=_run_bench_step)
+    viz = sub.add_parser("viz", help="sample masks per patched stage and the schedule, as a PNG")
+    viz.add_argument("model", help="timm name, tv:<builder> or module:callable")
+    viz.add_argument("--out", required=True, help="the PNG file to write")
+    viz.add_argument("--recipe", default="auto", help="recipe name or YAML path (default: auto)")
+    viz.add_argument("--drop-prob", type=float, default=None)
+    viz.add_argument("--input-size", type=_positive_int, nargs="+", default=None, metavar="N")
+    viz.add_argument("--channels", type=_positive_int, default=16)
+    viz.add_argument("--seed", type=int, default=0)
+    viz.set_defaults(func=_run_viz)
     return parser
+
+
+def _run_bench_step(args: argparse.Namespace) -> int:
+    from dropblock_inject.bench import bench_step
+
+    bench_step(args.model, batch_size=args.batch_size, input_size=args.input_size, repeats=args.repeats,
+               recipe=args.recipe, drop_prob=args.drop_prob)  # fmt: skip
+    return 0
+
+
+def _run_viz(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dropblock_inject.api import plan
+    from dropblock_inject.models import create_model
+    from dropblock_inject.viz import render_plan
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise SystemExit(f"dropblock-inject viz: --out must be a .png file, got {args.out}")
+    size = tuple(args.input_size) if args.input_size else None
+    chosen = plan(create_model(args.model), args.recipe, model_name=args.model, drop_prob=args.drop_prob,
+                  input_size=size)  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    render_plan(chosen, channels=args.channels, seed=args.seed).save(out)
+    print(f"wrote {out}")
+    return 0
 
 
 def _run_bench_inject(args: argparse.Namespace) -> int:

@@ -41,3 +41,21 @@ class TestBench:
         assert {"floor x*2", "ours per-channel", "ours shared"} <= names
         assert next(r for r in rows if r["name"] == "floor x*2")["ratio"] == 1.0
         assert any("x floor" in line for line in lines)
+
+
+class TestVizAndBenchStep:
+    def test_viz_writes_a_png(self, tmp_path) -> None:
+        out = tmp_path / "plan.png"
+        assert main(["viz", "tv:resnet18", "--out", str(out), "--channels", "4"]) == 0
+        from PIL import Image
+
+        with Image.open(out) as image:
+            assert image.format == "PNG" and image.size[0] > 100
+
+    def test_bench_step_reports_ratios(self) -> None:
+        from dropblock_inject.bench import bench_step
+
+        lines: list[str] = []
+        times = bench_step("resnet10t", batch_size=2, input_size=(3, 64, 64), repeats=1, print_fn=lines.append)
+        assert {"train unpatched", "train patched", "eval patched", "train timm drop_block_rate"} <= set(times)
+        assert any("x unpatched" in line for line in lines)
