@@ -1,0 +1,69 @@
+"""A PyTorch Lightning callback that drives :class:`~dropblock_inject.DropBlockSchedule`.
+
+Optional: ``pip install dropblock-inject[lightning]``.
+
+Example:
+    >>> # trainer = lightning.Trainer(callbacks=[DropBlockCallback()])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+try:
+    from lightning.pytorch import Callback
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError("DropBlockCallback needs Lightning: pip install 'dropblock-inject[lightning]'") from e
+
+from dropblock_inject.schedule import DropBlockSchedule
+
+__all__ = ["DropBlockCallback"]
+
+
+class DropBlockCallback(Callback):
+    """Ramp the rate of the model's DropBlocks with the global step, log it, and checkpoint it.
+
+    Args:
+        total_steps: Steps of the ramp; default: the trainer's ``estimated_stepping_batches``
+            (the whole run, as in the paper).
+        warmup_steps: Steps at the start rate before the ramp.
+        kind: ``"linear"``, ``"cosine"``, ``"constant"`` or a callable ``step -> progress``.
+        start: Drop rate at progress 0.
+        log_name: The name the mean drop rate is logged under (None: do not log).
+    """
+
+    def __init__(
+        self,
+        total_steps: int | None = None,
+        *,
+        warmup_steps: int = 0,
+        kind: Any = "linear",
+        start: float = 0.0,
+        log_name: str | None = "dropblock/rate",
+    ) -> None:
+        self.total_steps, self.warmup_steps, self.kind, self.start = total_steps, warmup_steps, kind, start
+        self.log_name = log_name
+        self.schedule: DropBlockSchedule | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        total = self.total_steps or max(int(trainer.estimated_stepping_batches), 1)
+        self.schedule = DropBlockSchedule(pl_module, total, warmup_steps=min(self.warmup_steps, total - 1),
+                                          kind=self.kind, start=self.start)  # fmt: skip
+        if self._pending_state is not None:
+            self.schedule.load_state_dict(self._pending_state)
+        self.schedule.step_update(trainer.global_step)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.schedule is None:
+            return
+        self.schedule.step_update(trainer.global_step)
+        if self.log_name:
+            rates = self.schedule.rates()
+            pl_module.log(self.log_name, sum(rates) / len(rates), on_step=True, prog_bar=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.schedule.state_dict() if self.schedule is not None else dict(self._pending_state or {})
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending_state = dict(state_dict)
