@@ -5,11 +5,14 @@ Subcommands:
     bench inject    time plan() and inject() on fresh models.
     bench step      training-step and eval time, patched vs unpatched (and timm's own DropBlock).
     viz             sample masks of each patched stage and the schedule curve, as a PNG.
+    plan MODEL      dry run: the sites inject() would patch, as a table or JSON.
+    finetune        train a classifier with DropBlock (default: the embedded digits).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -57,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     viz.add_argument("--channels", type=_positive_int, default=16)
     viz.add_argument("--seed", type=int, default=0)
     viz.set_defaults(func=_run_viz)
+    _add_plan_parser(sub)
+    _add_finetune_parser(sub)
     return parser
 
 
@@ -112,6 +117,156 @@ def _run_bench_op(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_plan_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="dry run: the sites inject() would patch in MODEL, as a table or JSON")
+    p.add_argument("model", help="timm name, tv:<builder> or package.module:callable")
+    p.add_argument("--recipe", default=None, help="recipe name, YAML file or 'auto' (default: the built-in rules)")
+    p.add_argument("--input-size", type=int, nargs="+", default=None, metavar="N", help="C H W (default: the model's)")
+    p.add_argument("--drop-prob", type=float, default=None, help="target drop rate (default: the recipe's)")
+    p.add_argument("--json", action="store_true", help="print the sites and stages as JSON")
+    p.set_defaults(func=_run_plan)
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from dropblock_inject.api import plan
+    from dropblock_inject.finetune import ConfigError, check_recipe
+
+    if args.drop_prob is not None and not 0.0 <= args.drop_prob < 1.0:
+        raise ConfigError(f"--drop-prob must be in [0, 1), got {args.drop_prob}")
+    check_recipe(args.recipe)
+    kwargs = {"drop_prob": args.drop_prob, "input_size": tuple(args.input_size) if args.input_size else None}
+    if args.recipe is not None:
+        kwargs["recipe"] = args.recipe
+    chosen = plan(_model_for_planning(args.model), **kwargs)
+    if not args.json:
+        print(chosen)
+        return 0
+    doc = {"model": args.model, "class": chosen.model, "input_size": list(chosen.input_size),
+           "sites": chosen.to_dicts(), "stages": [_jsonable(s) for s in chosen.stages]}  # fmt: skip
+    print(json.dumps(doc, indent=2, default=str))
+    return 0
+
+
+def _model_for_planning(name: str):  # -> nn.Module
+    """``name`` built on the meta device (no memory, no init FLOPs), else on the CPU."""
+    import torch
+
+    from dropblock_inject.errors import DropBlockInjectError
+    from dropblock_inject.models import create_model
+
+    try:
+        with torch.device("meta"):
+            return create_model(name)
+    except DropBlockInjectError:
+        raise
+    except Exception:  # some builders compute on their weights; build those for real
+        return create_model(name)
+
+
+def _jsonable(value: object) -> object:
+    if hasattr(value, "_asdict"):
+        return {k: _jsonable(v) for k, v in value._asdict().items()}
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _add_finetune_parser(sub: argparse._SubParsersAction) -> None:
+    from dropblock_inject.finetune import FinetuneConfig
+
+    defaults = FinetuneConfig()
+
+    def h(name: str) -> str:
+        return FinetuneConfig.help(name).replace("%", "%%")
+
+    p = sub.add_parser("finetune", help="train a classifier with DropBlock (default: the embedded digits)")
+    p.add_argument("--model", default=defaults.model, help=f"{h('model')} (default {defaults.model})")
+    p.add_argument("--data", default=None, metavar="PATH", help=h("data"))
+    p.add_argument("--checkpoint", default=None, metavar="FILE", help=h("checkpoint"))
+    p.add_argument("--pretrained", action="store_true", help=h("pretrained"))
+    for name, kind in (("epochs", int), ("batch_size", int), ("lr", float), ("drop_prob", float), ("seed", int)):
+        flag = "--" + name.replace("_", "-")
+        default = getattr(defaults, name)
+        p.add_argument(flag, type=kind, default=default, help=f"{h(name)} (default {default})")
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), default=defaults.optimizer, help=h("optimizer"))
+    p.add_argument("--recipe", default=None, help=h("recipe"))
+    p.add_argument("--compare", action="store_true", help=h("compare"))
+    p.add_argument("--out", default=None, metavar="DIR", help=h("out"))
+    p.add_argument("--input-size", type=int, nargs="+", default=[defaults.input_size], metavar="N",
+                   help=f"S or 3 S S: {h('input_size')} (default {defaults.input_size})")  # fmt: skip
+    p.add_argument("--workers", type=int, default=None, help=h("workers"))
+    p.add_argument("--device", default=defaults.device, help=h("device"))
+    p.set_defaults(func=_run_finetune)
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    from dropblock_inject.finetune import ConfigError, FinetuneConfig, finetune
+
+    size = args.input_size
+    if not (len(size) == 1 or (len(size) == 3 and size[0] == 3 and size[1] == size[2])):
+        raise ConfigError(f"--input-size takes S or 3 S S (square RGB images), got {' '.join(map(str, size))}")
+    config = FinetuneConfig(
+        model=args.model, data=args.data, checkpoint=args.checkpoint, pretrained=args.pretrained,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+        drop_prob=args.drop_prob, recipe=args.recipe, seed=args.seed, compare=args.compare, out=args.out,
+        input_size=size[-1], workers=args.workers, device=args.device,
+    )  # fmt: skip
+    finetune(config, _rich_reporter())
+    return 0
+
+
+def _rich_reporter():  # -> dropblock_inject.finetune.Reporter
+    """Progress bars on a terminal (rich), plain lines otherwise."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from dropblock_inject.finetune import RUN_LABELS, Reporter
+
+    class RichReporter(Reporter):
+        def __init__(self) -> None:
+            self.console = Console()
+            self.progress: Progress | None = None
+
+        def message(self, text: str) -> None:
+            if self.progress is None:
+                print(text, flush=True)
+            else:
+                self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+        def train_start(self, run: str, epochs: int, steps_per_epoch: int) -> None:
+            if not self.console.is_terminal:
+                return
+            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn())  # fmt: skip
+            self.progress = Progress(*columns, console=self.console, transient=True)
+            self.progress.start()
+            self.total, self.steps = epochs, steps_per_epoch
+            self.task = self.progress.add_task(RUN_LABELS.get(run, run), total=epochs * steps_per_epoch, loss="-")
+
+        def step(self, run: str, epoch: int, step: int, loss: float) -> None:
+            if self.progress is not None:
+                label = f"{RUN_LABELS.get(run, run)}, epoch {epoch}/{self.total}"
+                self.progress.update(self.task, advance=1, description=label, loss=f"{loss:.3f}")
+
+        def train_end(self, run: str) -> None:
+            if self.progress is not None:
+                self.progress.stop()
+                self.progress = None
+
+    return RichReporter()
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's (bad name, path, file or value): one line, exit status 2."""
+    import yaml
+
+    from dropblock_inject.errors import DropBlockInjectError
+
+    return (DropBlockInjectError, OSError, yaml.YAMLError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = build_parser()
@@ -119,7 +274,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stdout)
         return 0
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:  # `dropblock-inject plan ... | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except _user_error_types() as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"dropblock-inject {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dropblock-inject: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

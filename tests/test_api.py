@@ -240,7 +240,7 @@ class TestInject:
 
 class TestNoSites:
     def test_linear_model(self) -> None:
-        with pytest.raises(dbi.NoSitesError, match="no spatial convolution"):
+        with pytest.raises(dbi.NoSitesError, match="no Conv2d"):
             dbi.plan(nn.Sequential(nn.Flatten(), nn.Linear(12, 4)), input_size=(3, 2, 2))
 
     def test_conv_act_norm_is_not_a_site(self) -> None:

@@ -98,6 +98,7 @@ class Analysis:
     roots: list[str] = field(default_factory=list)
     opaque: list[str] = field(default_factory=list)
     input_spatial: tuple[int, ...] = ()
+    model_convs: int = 0
 
 
 class FakeShapeProp(fx.Interpreter):
@@ -142,6 +143,7 @@ def analyse(
     inputs = tuple(_to_fake(fake_mode, a) for a in example_inputs)
     first = next((a for a in example_inputs if isinstance(a, torch.Tensor)), None)
     result = Analysis(input_spatial=tuple(first.shape[2:]) if first is not None else ())
+    result.model_convs = sum(1 for m in model.modules() if is_conv(m))
     _analyse_module(model, "", inputs, fake_mode, leaf_modules, result, model)
     for i, c in enumerate(result.candidates):
         c.order = i

@@ -269,8 +269,14 @@ def _no_candidates_message(model: str, analysis: Analysis, rejected: Counter[str
             f"an activation only through a residual sum ({dict(residual)}); pass residual_branch=True (and/or "
             f"shortcut=True), as the repvgg recipe does."
         )
-    if not rejected:
-        what = "no spatial convolution was found (a transformer or MLP model?)"
+    if not rejected and not analysis.model_convs:
+        what = "it has no Conv2d/Conv3d (a transformer or MLP model?)"
+    elif not rejected:
+        size = "x".join(map(str, analysis.input_spatial))
+        what = (
+            f"the analysis reached none of its {analysis.model_convs} convolutions at input {size} "
+            f"(pass input_size=... or example_inputs=...)"
+        )
     else:
         reasons = "; ".join(f"{reason} x{n}" for reason, n in rejected.most_common(4))
         what = (f"none of its {sum(rejected.values())} convolutions reaches an activation through norm layers "
