@@ -168,8 +168,11 @@ def _analyse_module(
     root: nn.Module,
 ) -> None:
     """Trace and propagate ``module``; on failure, descend into the subtrees it calls."""
+    if is_conv(module):
+        result.rejected.append(Rejected(path, "called directly by an untraceable parent (its chain is not followed)"))
+        return
     try:
-        gm = trace(module, leaf_modules=leaf_modules, path=path)
+        gm = trace(module, leaf_modules=leaf_modules, path=path, num_inputs=len(inputs))
         with fake_mode, _training_as(module, module.training):
             FakeShapeProp(gm).run(*inputs)
     except TraceError:
@@ -193,6 +196,10 @@ def _analyse_children(
     if not calls:
         result.opaque.append(path or "<model>")
         return
+    called = {name for name, _ in calls}
+    result.opaque.extend(
+        _join(path, name) for name, child in module.named_children() if name not in called and _hides_convs(child)
+    )
     for name, child_inputs in calls:
         child = module.get_submodule(name)
         _analyse_module(child, _join(path, name), child_inputs, fake_mode, leaf_modules, result, root)

@@ -52,8 +52,20 @@ def is_norm(module: nn.Module) -> bool:
 
 
 def is_fused_norm_act(module: nn.Module) -> bool:
-    """timm's fused norm + activation leaves (``BatchNormAct2d`` ...), with an identity ``.drop`` slot."""
-    return isinstance(getattr(module, "drop", None), nn.Module) and isinstance(getattr(module, "act", None), nn.Module)
+    """timm's fused norm + activation leaves (``BatchNormAct2d``, ``GroupNormAct``, ``LayerNormAct2d``,
+    ``FrozenBatchNormAct2d``): a norm with ``.act`` and an identity-slot ``.drop`` child.
+
+    Recognised as a norm by class, not by the attribute names alone: a timm MLP also has ``act``
+    and ``drop`` children.
+    """
+    norm_like = isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)) or (
+        "NormAct" in type(module).__name__
+    )
+    return (
+        norm_like
+        and isinstance(getattr(module, "drop", None), nn.Module)
+        and isinstance(getattr(module, "act", None), nn.Module)
+    )
 
 
 def fused_has_activation(module: nn.Module) -> bool:

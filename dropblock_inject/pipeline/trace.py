@@ -7,6 +7,7 @@ replaced by a GraphModule, so a training flag baked into a graph by tracing is h
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,13 +57,18 @@ class SurgeryTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
-def trace(module: nn.Module, *, leaf_modules: Sequence[LeafSpec] = (), path: str = "") -> fx.GraphModule:
+def trace(
+    module: nn.Module, *, leaf_modules: Sequence[LeafSpec] = (), path: str = "", num_inputs: int | None = None
+) -> fx.GraphModule:
     """Trace ``module`` into a GraphModule for analysis (the module itself is left untouched).
 
     Args:
         module: The module to trace.
         leaf_modules: Extra leaves (see :class:`SurgeryTracer`).
         path: The module's path in the whole model, for error messages.
+        num_inputs: How many positional inputs the caller passes; the other ``forward``
+            parameters that have defaults are traced with those defaults (so ``mask=None`` is
+            ``None``, not a proxy that takes the ``is not None`` branch).
 
     Raises:
         TraceError: Tracing failed; the message names the module and what to pass.
@@ -74,7 +80,7 @@ def trace(module: nn.Module, *, leaf_modules: Sequence[LeafSpec] = (), path: str
     """
     tracer = SurgeryTracer(leaf_modules)
     try:
-        graph = tracer.trace(module)
+        graph = tracer.trace(module, concrete_args=_defaults_after(module, num_inputs))
     except Exception as e:
         where = path or type(module).__name__
         raise TraceError(
@@ -82,6 +88,21 @@ def trace(module: nn.Module, *, leaf_modules: Sequence[LeafSpec] = (), path: str
             f"Pass leaf_modules=[...] with the untraceable submodule's class or path to keep it opaque."
         ) from e
     return fx.GraphModule(tracer.root, graph, class_name=type(module).__name__)
+
+
+def _defaults_after(module: nn.Module, num_inputs: int | None) -> dict[str, Any] | None:
+    """The defaults of ``forward``'s parameters past the first ``num_inputs`` positional ones."""
+    if num_inputs is None:
+        return None
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    rest = positional[num_inputs:]
+    if not rest or any(p.default is inspect.Parameter.empty for p in rest):
+        return None
+    return {p.name: p.default for p in rest}
 
 
 def node_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
