@@ -135,11 +135,10 @@ def _run_plan(args: argparse.Namespace) -> int:
 
     if args.drop_prob is not None and not 0.0 <= args.drop_prob < 1.0:
         raise ConfigError(f"--drop-prob must be in [0, 1), got {args.drop_prob}")
-    check_recipe(args.recipe)
-    kwargs = {"drop_prob": args.drop_prob, "input_size": tuple(args.input_size) if args.input_size else None}
-    if args.recipe is not None:
-        kwargs["recipe"] = args.recipe
-    chosen = plan(_model_for_planning(args.model), **kwargs)
+    check_recipe(args.recipe)  # before building the model
+    size = tuple(args.input_size) if args.input_size else None
+    chosen = plan(_model_for_planning(args.model), args.recipe, model_name=args.model, drop_prob=args.drop_prob,
+                  input_size=size)  # fmt: skip
     if not args.json:
         print(chosen)
         return 0
@@ -191,27 +190,33 @@ def _add_finetune_parser(sub: argparse._SubParsersAction) -> None:
         default = getattr(defaults, name)
         p.add_argument(flag, type=kind, default=default, help=f"{h(name)} (default {default})")
     p.add_argument("--optimizer", choices=("adamw", "sgd"), default=defaults.optimizer, help=h("optimizer"))
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help=h("weight_decay"))
     p.add_argument("--recipe", default=None, help=h("recipe"))
     p.add_argument("--compare", action="store_true", help=h("compare"))
     p.add_argument("--out", default=None, metavar="DIR", help=h("out"))
-    p.add_argument("--input-size", type=int, nargs="+", default=[defaults.input_size], metavar="N",
-                   help=f"S or 3 S S: {h('input_size')} (default {defaults.input_size})")  # fmt: skip
+    p.add_argument(
+        "--input-size", type=int, nargs="+", default=None, metavar="N", help="S or 3 S S: " + h("input_size")
+    )
     p.add_argument("--workers", type=int, default=None, help=h("workers"))
     p.add_argument("--device", default=defaults.device, help=h("device"))
+    p.add_argument("--limit-train-batches", type=int, default=None, metavar="N", help=h("limit_train_batches"))
+    p.add_argument("--limit-val-batches", type=int, default=None, metavar="N", help=h("limit_val_batches"))
     p.set_defaults(func=_run_finetune)
 
 
 def _run_finetune(args: argparse.Namespace) -> int:
     from dropblock_inject.finetune import ConfigError, FinetuneConfig, finetune
 
-    size = args.input_size
+    size = args.input_size or [None]
     if not (len(size) == 1 or (len(size) == 3 and size[0] == 3 and size[1] == size[2])):
         raise ConfigError(f"--input-size takes S or 3 S S (square RGB images), got {' '.join(map(str, size))}")
     config = FinetuneConfig(
         model=args.model, data=args.data, checkpoint=args.checkpoint, pretrained=args.pretrained,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+        weight_decay=args.weight_decay,
         drop_prob=args.drop_prob, recipe=args.recipe, seed=args.seed, compare=args.compare, out=args.out,
         input_size=size[-1], workers=args.workers, device=args.device,
+        limit_train_batches=args.limit_train_batches, limit_val_batches=args.limit_val_batches,
     )  # fmt: skip
     finetune(config, _rich_reporter())
     return 0

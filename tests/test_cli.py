@@ -59,3 +59,113 @@ class TestVizAndBenchStep:
         times = bench_step("resnet10t", batch_size=2, input_size=(3, 64, 64), repeats=1, print_fn=lines.append)
         assert {"train unpatched", "train patched", "eval patched", "train timm drop_block_rate"} <= set(times)
         assert any("x unpatched" in line for line in lines)
+
+
+TINY = "test_finetune:tiny_net"  # tests/test_finetune.py; pytest puts tests/ on sys.path
+FAST = ["--model", TINY, "--input-size", "16", "--epochs", "1"]
+FAST += ["--limit-train-batches", "3", "--limit-val-batches", "1"]
+
+
+def one_line_error(capsys, command: str) -> str:
+    """The captured stderr, checked to be one line naming the command, without a traceback."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"dropblock-inject {command}: error: ") and "Traceback" not in err
+    return lines[0]
+
+
+class TestPlanCommand:
+    def test_table(self, capsys) -> None:
+        assert main(["plan", "tv:resnet18", "--input-size", "3", "64", "64", "--drop-prob", "0.2"]) == 0
+        out = capsys.readouterr().out
+        assert "DropBlock plan for ResNet at input 3x64x64" in out and "layer4.1.bn1" in out
+
+    def test_json(self, capsys) -> None:
+        import json
+
+        assert main(["plan", "tv:resnet18", "--json"]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["model"] == "tv:resnet18" and doc["input_size"] == [3, 224, 224]
+        assert [s["stage"] for s in doc["sites"]] == [3, 3, 4, 4]
+        assert doc["sites"][0]["feature"] == [14, 14] and doc["stages"][-1]["feature"] == [7, 7]
+
+    def test_recipe(self, capsys) -> None:
+        assert main(["plan", "resnet10t", "--recipe", "auto", "--input-size", "3", "64", "64"]) == 0
+        assert "layer4.0" in capsys.readouterr().out
+
+    @pytest.mark.parametrize(
+        ("argv", "message"),
+        [
+            (["resnett18"], "close matches: ['resnet18'"),
+            (["tv:resnet18", "--recipe", "missing.yaml"], "does not exist"),
+            (["tv:resnet18", "--recipe", "no_such_recipe"], "unknown recipe"),
+            (["tv:resnet18", "--drop-prob", "1.5"], "--drop-prob must be in [0, 1)"),
+            (["tv:resnet18", "--input-size", "3", "-4", "4"], "input_size"),
+        ],
+    )
+    def test_user_errors(self, capsys, argv: list[str], message: str) -> None:
+        assert main(["plan", *argv]) == 2
+        assert message in one_line_error(capsys, "plan")
+
+
+class TestFinetuneCommand:
+    def test_compare_from_a_checkpoint_prints_both_and_writes(self, capsys, tmp_path) -> None:
+        import torch
+        from test_finetune import tiny_net
+
+        torch.save(tiny_net(num_classes=3).state_dict(), tmp_path / "pre.pt")
+        out = tmp_path / "run"
+        argv = ["finetune", *FAST, "--compare", "--out", str(out), "--checkpoint", str(tmp_path / "pre.pt")]
+        assert main(argv) == 0
+        text = capsys.readouterr().out
+        assert "DropBlock plan for Sequential" in text and "epoch 1/1" in text
+        assert "classifier head 14.bias, 14.weight not taken from" in text
+        assert "held-out accuracy with DropBlock: " in text and "held-out accuracy without DropBlock: " in text
+        table = text[text.index("val acc  val loss") :].splitlines()
+        assert table[1].startswith("with DropBlock") and table[2].startswith("without DropBlock")
+        assert sorted(p.name for p in out.iterdir()) == [
+            "baseline.pt", "metrics.csv", "metrics.json", "model.pt",
+        ]  # fmt: skip
+
+    @pytest.mark.parametrize(
+        ("argv", "message"),
+        [
+            (["--model", "resnett18"], "unknown timm model 'resnett18'; close matches"),
+            (["--model", "tv:resnet_18"], "unknown torchvision model"),
+            (["--data", "/no/such/folder"], "does not exist or is not a folder"),
+            (["--recipe", "missing.yaml"], "recipe file 'missing.yaml' does not exist"),
+            (["--epochs", "0"], "epochs must be a positive integer, got 0"),
+            (["--batch-size", "-8"], "batch_size must be a positive integer"),
+            (["--lr", "-1"], "lr must be a positive number"),
+            (["--drop-prob", "-0.1"], "drop_prob must be in [0, 1)"),
+            (["--workers", "-1"], "workers must be an integer >= 0"),
+            (["--seed", "-1"], "seed must be an integer >= 0"),
+            (["--input-size", "3", "32", "48"], "--input-size takes S or 3 S S"),
+            (["--checkpoint", "/no/such.pt"], "checkpoint '/no/such.pt' does not exist"),
+            (["--pretrained", "--checkpoint", "x.pt"], "either pretrained or checkpoint"),
+        ],
+    )
+    def test_user_errors(self, capsys, argv: list[str], message: str) -> None:
+        assert main(["finetune", *argv]) == 2
+        assert message in one_line_error(capsys, "finetune")
+
+    def test_unusable_files(self, capsys, tmp_path) -> None:
+        import torch
+        from PIL import Image
+
+        (tmp_path / "data" / "only").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "data" / "only" / "a.png")
+        assert main(["finetune", *FAST, "--data", str(tmp_path / "data")]) == 2
+        assert "at least 2" in one_line_error(capsys, "finetune")
+
+        from dropblock_inject.models import create_model
+
+        torch.save(create_model("resnet10t").state_dict(), tmp_path / "r10.pt")
+        assert main(["finetune", *FAST, "--checkpoint", str(tmp_path / "r10.pt")]) == 2
+        line = one_line_error(capsys, "finetune")
+        assert "does not fit Sequential: missing keys: 0.weight" in line and "unexpected keys: conv1.0.weight" in line
+
+        (tmp_path / "bad.yaml").write_text("stages: [1\n")
+        assert main(["finetune", *FAST, "--recipe", str(tmp_path / "bad.yaml")]) == 2
+        assert "bad.yaml" in one_line_error(capsys, "finetune")
