@@ -3,7 +3,8 @@
 Optional: ``pip install dropblock-inject[lightning]``.
 
 Example:
-    >>> # trainer = lightning.Trainer(callbacks=[DropBlockCallback()])  # doctest: +SKIP
+    >>> import lightning
+    >>> trainer = lightning.Trainer(callbacks=[DropBlockCallback()], max_epochs=1, logger=False)  # doctest: +SKIP
 """
 
 from __future__ import annotations
