@@ -178,10 +178,7 @@ def _header(path: str) -> str:
 
 
 def _build(path: str, data: dict[str, Any], description: str) -> Recipe:
-    match = _typed(path, "match", data.get("match", {}), dict)
-    unknown = set(match) - {"models", "classes"}
-    if unknown:
-        raise RecipeError(f"{path}: unknown key(s) {sorted(unknown)} under 'match'; allowed: models, classes")
+    match = _table(path, "match", data.get("match", {}), ("models", "classes"))
     rules = Rules(source=path, **_rule_fields(path, data))
     return Recipe(
         name=Path(path).stem,
@@ -229,12 +226,7 @@ def _stages(path: str, value: Any) -> dict[str, Any]:
         return {"stages": value}
     if isinstance(value, list):
         return {"stages": [_int(path, "stages", v) for v in value]}
-    table = _typed(path, "stages", value, dict)
-    unknown = set(table) - {"indices", "strides", "modules"}
-    if unknown:
-        raise RecipeError(
-            f"{path}: unknown key(s) {sorted(unknown)} under 'stages'; allowed: indices, strides, modules"
-        )
+    table = _table(path, "stages", value, ("indices", "strides", "modules"))
     out: dict[str, Any] = {}
     if "indices" in table:
         out["stages"] = [
@@ -254,12 +246,7 @@ def _block(path: str, value: Any) -> dict[str, Any]:
         return {"block_size": value}
     if isinstance(value, list):
         return {"block_size": tuple(_int(path, "block_size", v) for v in value)}
-    table = _typed(path, "block_size", value, dict)
-    unknown = set(table) - {"size", "fraction", "per_stage"}
-    if unknown:
-        raise RecipeError(
-            f"{path}: unknown key(s) {sorted(unknown)} under 'block_size'; allowed: size, fraction, per_stage"
-        )
+    table = _table(path, "block_size", value, ("size", "fraction", "per_stage"))
     out: dict[str, Any] = {}
     if "size" in table:
         out.update(_block(path, table["size"]))
@@ -273,10 +260,7 @@ def _block(path: str, value: Any) -> dict[str, Any]:
 
 
 def _schedule(path: str, value: Any) -> dict[str, Any]:
-    table = _typed(path, "schedule", value, dict)
-    unknown = set(table) - {"kind", "warmup_fraction"}
-    if unknown:
-        raise RecipeError(f"{path}: unknown key(s) {sorted(unknown)} under 'schedule'; allowed: kind, warmup_fraction")
+    table = _table(path, "schedule", value, ("kind", "warmup_fraction"))
     kind = table.get("kind", "linear")
     if kind not in SCHEDULE_KINDS:
         raise RecipeError(f"{path}: schedule.kind must be one of {SCHEDULE_KINDS}, got {kind!r}")
@@ -284,6 +268,15 @@ def _schedule(path: str, value: Any) -> dict[str, Any]:
     if not 0.0 <= warmup < 1.0:
         raise RecipeError(f"{path}: schedule.warmup_fraction must be in [0, 1), got {warmup}")
     return {"kind": kind, "warmup_fraction": warmup}
+
+
+def _table(path: str, key: str, value: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
+    """A mapping under ``key`` whose keys are all in ``allowed``."""
+    table = _typed(path, key, value, dict)
+    unknown = set(table) - set(allowed)
+    if unknown:
+        raise RecipeError(f"{path}: unknown key(s) {sorted(unknown)} under {key!r}; allowed: {', '.join(allowed)}")
+    return table
 
 
 def _typed(path: str, key: str, value: Any, kind: type) -> Any:

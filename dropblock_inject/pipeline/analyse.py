@@ -144,7 +144,7 @@ def analyse(
     first = next((a for a in example_inputs if isinstance(a, torch.Tensor)), None)
     result = Analysis(input_spatial=tuple(first.shape[2:]) if first is not None else ())
     result.model_convs = sum(1 for m in model.modules() if is_conv(m))
-    _analyse_module(model, "", inputs, fake_mode, leaf_modules, result, model)
+    _analyse_module(model, "", inputs, _Context(fake_mode, leaf_modules, result, model))
     for i, c in enumerate(result.candidates):
         c.order = i
     return result
@@ -158,51 +158,47 @@ def _to_fake(fake_mode: FakeTensorMode, value: Any) -> Any:
     return value
 
 
-def _analyse_module(
-    module: nn.Module,
-    path: str,
-    inputs: tuple[Any, ...],
-    fake_mode: FakeTensorMode,
-    leaf_modules: Sequence[LeafSpec],
-    result: Analysis,
-    root: nn.Module,
-) -> None:
+@dataclass
+class _Context:
+    """What every step of one analysis shares."""
+
+    fake_mode: FakeTensorMode
+    leaf_modules: Sequence[LeafSpec]
+    result: Analysis
+    root: nn.Module
+
+
+def _analyse_module(module: nn.Module, path: str, inputs: tuple[Any, ...], ctx: _Context) -> None:
     """Trace and propagate ``module``; on failure, descend into the subtrees it calls."""
     if is_conv(module):
-        result.rejected.append(Rejected(path, "called directly by an untraceable parent (its chain is not followed)"))
+        ctx.result.rejected.append(
+            Rejected(path, "called directly by an untraceable parent (its chain is not followed)")
+        )
         return
     try:
-        gm = trace(module, leaf_modules=leaf_modules, path=path, num_inputs=len(inputs))
-        with fake_mode, _training_as(module, module.training):
+        gm = trace(module, leaf_modules=ctx.leaf_modules, path=path, num_inputs=len(inputs))
+        with ctx.fake_mode, _training_as(module, module.training):
             FakeShapeProp(gm).run(*inputs)
     except TraceError:
-        _analyse_children(module, path, inputs, fake_mode, leaf_modules, result, root)
+        _analyse_children(module, path, inputs, ctx)
         return
-    result.roots.append(path or "<model>")
-    _find_sites(gm, path, fake_mode, leaf_modules, result, root)
+    ctx.result.roots.append(path or "<model>")
+    _find_sites(gm, path, ctx)
 
 
-def _analyse_children(
-    module: nn.Module,
-    path: str,
-    inputs: tuple[Any, ...],
-    fake_mode: FakeTensorMode,
-    leaf_modules: Sequence[LeafSpec],
-    result: Analysis,
-    root: nn.Module,
-) -> None:
+def _analyse_children(module: nn.Module, path: str, inputs: tuple[Any, ...], ctx: _Context) -> None:
     """Run ``module`` eagerly on fake inputs, recording each child's first inputs; analyse those."""
-    calls = _record_child_inputs(module, inputs, fake_mode)
+    calls = _record_child_inputs(module, inputs, ctx.fake_mode)
     if not calls:
-        result.opaque.append(path or "<model>")
+        ctx.result.opaque.append(path or "<model>")
         return
     called = {name for name, _ in calls}
-    result.opaque.extend(
+    ctx.result.opaque.extend(
         _join(path, name) for name, child in module.named_children() if name not in called and _hides_convs(child)
     )
     for name, child_inputs in calls:
         child = module.get_submodule(name)
-        _analyse_module(child, _join(path, name), child_inputs, fake_mode, leaf_modules, result, root)
+        _analyse_module(child, _join(path, name), child_inputs, ctx)
 
 
 def _record_child_inputs(
@@ -272,14 +268,7 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
-def _find_sites(
-    gm: fx.GraphModule,
-    path: str,
-    fake_mode: FakeTensorMode,
-    leaf_modules: Sequence[LeafSpec],
-    result: Analysis,
-    root: nn.Module,
-) -> None:
+def _find_sites(gm: fx.GraphModule, path: str, ctx: _Context) -> None:
     """Walk the graph in execution order: conv chains, and opaque leaves that hide convolutions."""
     calls_seen: dict[str, int] = {}
     for node in gm.graph.nodes:
@@ -293,11 +282,11 @@ def _find_sites(
         if module is None:
             continue
         if is_conv(module) and "val" in node.meta:
-            _follow_chain(gm, node, module, path, result, root)
+            _follow_chain(gm, node, module, path, ctx.result, ctx.root)
         elif _hides_convs(module):
             inputs = tuple(a.meta.get("val") if isinstance(a, fx.Node) else a for a in node.args)
             sub_path = _join(path, str(node.target))
-            _analyse_module(module, sub_path, inputs, fake_mode, leaf_modules, result, root)
+            _analyse_module(module, sub_path, inputs, ctx)
 
 
 def _keeps_shape(module: nn.Module) -> bool:
