@@ -42,12 +42,14 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, number:
     return {name: statistics.median(ts) for name, ts in samples.items()}
 
 
-def _op_candidates(x: torch.Tensor, block: int, p: float) -> dict[str, Callable[[], object]]:
+def _op_candidates(x: torch.Tensor, block: int, p: float, compiled: bool) -> dict[str, Callable[[], object]]:
     fns: dict[str, Callable[[], object]] = {
         "floor x*2": lambda: x * 2.0,
         "ours per-channel": lambda: drop_block(x, p, block),
         "ours shared": lambda: drop_block(x, p, block, shared_channels=True),
     }
+    if compiled:
+        fns.update(_compiled_candidates(x, block, p))
     try:
         from timm.layers import drop_block_2d
 
@@ -64,6 +66,24 @@ def _op_candidates(x: torch.Tensor, block: int, p: float) -> dict[str, Callable[
     return fns
 
 
+def _compiled_candidates(x: torch.Tensor, block: int, p: float) -> dict[str, Callable[[], object]]:
+    """``torch.compile`` of the floor and of ``DropBlock`` modules (rate a schedule buffer, as in a model)."""
+    from dropblock_inject.op.module import DropBlock
+
+    def compiled(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], object]:
+        fn = torch.compile(fn, fullgraph=True, dynamic=False)
+        fn(x)  # compile outside the timed turns
+        return lambda: fn(x)
+
+    per_channel = DropBlock(p, block).to(x.device)
+    shared = DropBlock(p, block, shared_channels=True).to(x.device)
+    return {
+        "compiled floor x*2": compiled(lambda t: t * 2.0),
+        "compiled per-channel": compiled(per_channel),
+        "compiled shared": compiled(shared),
+    }
+
+
 def bench_op(
     shapes: Sequence[tuple[tuple[int, ...], int]] = OP_SHAPES,
     *,
@@ -71,9 +91,13 @@ def bench_op(
     repeats: int = 5,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
+    compiled: bool = False,
     print_fn: Callable[[str], None] = print,
 ) -> list[dict[str, object]]:
     """Time the op against the floor and the timm/torchvision ops; prints one block per shape.
+
+    With ``compiled``, also ``torch.compile`` of ``DropBlock`` against a compiled floor; each row's
+    ratio is to the floor of its kind (eager or compiled).
 
     Returns:
         One row per (shape, candidate): ``shape``, ``block``, ``name``, ``ms``, ``ratio``.
@@ -85,12 +109,13 @@ def bench_op(
     )
     for shape, block in shapes:
         x = torch.randn(shape, dtype=dtype, device=device)
-        times = time_interleaved(_op_candidates(x, block, drop_prob), repeats)
-        floor = times["floor x*2"]
+        times = time_interleaved(_op_candidates(x, block, drop_prob, compiled), repeats)
         print_fn(f"{tuple(shape)} block {block}:")
         for name, t in times.items():
+            floor = times["compiled floor x*2" if name.startswith("compiled") else "floor x*2"]
             rows.append({"shape": tuple(shape), "block": block, "name": name, "ms": t * 1e3, "ratio": t / floor})
-            print_fn(f"  {name:<18} {t * 1e3:9.2f} ms  {t / floor:7.2f}x floor")
+            kind = "compiled floor" if name.startswith("compiled") else "floor"
+            print_fn(f"  {name:<22} {t * 1e3:9.2f} ms  {t / floor:7.2f}x {kind}")
         ours = times["ours per-channel"]
         anchors = [n for n in ("timm per-channel", "torchvision") if n in times]
         if anchors:

@@ -33,6 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--repeats", type=_positive_int, default=5, help="interleaved turns per candidate (default 5)")
     op.add_argument("--drop-prob", type=float, default=0.1, help="drop probability (default 0.1)")
     op.add_argument("--threads", type=_positive_int, default=None, help="torch.set_num_threads (default: torch's)")
+    op.add_argument("--compile", action="store_true", help="also torch.compile of DropBlock vs a compiled floor")
+    op.add_argument(
+        "--shape", type=_positive_int, nargs="+", default=None, metavar="N",
+        help="one input shape N C H W (or N C D H W) instead of the three defaults",
+    )  # fmt: skip
+    op.add_argument("--block", type=_positive_int, default=7, help="block size with --shape (default 7)")
+    op.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     op.set_defaults(func=_run_bench_op)
     inj = bench_sub.add_parser("inject", help="time plan() and inject() on fresh models")
     inj.add_argument(
@@ -109,11 +116,14 @@ def _positive_int(text: str) -> int:
 def _run_bench_op(args: argparse.Namespace) -> int:
     import torch
 
-    from dropblock_inject.bench import bench_op
+    from dropblock_inject.bench import OP_SHAPES, bench_op
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    bench_op(drop_prob=args.drop_prob, repeats=args.repeats)
+    if args.shape is not None and len(args.shape) not in (4, 5):
+        raise SystemExit(f"bench op: --shape takes 4 or 5 sizes (N C H W or N C D H W), got {args.shape}")
+    shapes = [(tuple(args.shape), args.block)] if args.shape else OP_SHAPES
+    bench_op(shapes, drop_prob=args.drop_prob, repeats=args.repeats, compiled=args.compile, device=args.device)
     return 0
 
 

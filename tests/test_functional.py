@@ -17,6 +17,7 @@ from dropblock_inject import drop_block
 from dropblock_inject.op.functional import drop_block_traceable
 from dropblock_inject.op.geometry import block_geometry
 from dropblock_inject.op.sampling import sample_seed_gaps
+from dropblock_inject.op.traceable import _dense_keep, _fits_row_words, keep_mask
 
 
 def mean_fraction(shape, block, draws, **kw) -> float:
@@ -235,6 +236,43 @@ class TestTraceablePath:
         out = drop_block_traceable(x, torch.tensor(0.2), block_geometry((13, 9), (4, 4)), False, "paper", max_rate=0.2)
         assert is_union_of_blocks((out == 0).float().flatten(0, 1), (4, 4))
         assert out.mean().item() == pytest.approx(1.0, abs=1e-5)
+
+    @pytest.mark.parametrize(
+        ("spatial", "block", "region"),
+        [
+            ((14, 14), (7, 7), "valid"),  # one table
+            ((7, 7), (3, 3), "full"),
+            ((13, 9), (4, 6), "valid"),  # rectangular
+            ((14, 14), (3, 3), "valid"),  # 12-column words: byte tables
+            ((28, 28), (7, 7), "full"),
+            ((56, 56), (7, 7), "valid"),  # 50-column words in int64
+            ((6, 8, 10), (2, 3, 5), "valid"),  # 3-D
+            ((5, 9, 33), (3, 3, 3), "full"),
+            ((9, 70), (3, 5), "valid"),  # too wide for row words: the dense path itself
+        ],
+    )
+    def test_row_words_give_exactly_the_dense_mask(self, spatial, block, region) -> None:
+        geom = block_geometry(spatial, block, region)
+        batch = (3, 5)
+        num_pos = 15 * math.prod(geom.seed_grid)
+        pos = sample_seed_gaps(num_pos // 4, 0.2, device=torch.device("cpu"))  # dense: many overlaps
+        keep, dropped = keep_mask(pos, geom, batch)
+        ref_keep, ref_dropped = _dense_keep(pos, geom, 15)
+        assert _fits_row_words(geom) == (spatial[-1] < 70)
+        assert keep.shape == (15, *spatial) and keep.dtype == torch.float32
+        assert torch.equal(keep, ref_keep)
+        assert int(dropped) == int(ref_dropped) == int((keep == 0).sum())
+        assert 0 < int(dropped) < keep.numel()
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+    def test_dtype_and_channels_last_are_kept(self, dtype) -> None:
+        x = torch.ones(4, 16, 14, 14, dtype=dtype).to(memory_format=torch.channels_last)
+        out = drop_block_traceable(x, torch.tensor(0.1), block_geometry((14, 14), (5, 5)), False, "paper", max_rate=0.1)
+        assert out.dtype == dtype
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        kept = out[out != 0].float()
+        assert kept.min().item() == kept.max().item()  # one rescale factor, rounded once
+        assert out.float().mean().item() == pytest.approx(1.0, abs=1e-2 if dtype != torch.float64 else 1e-6)
 
     def test_zero_tensor_rate_drops_nothing(self) -> None:
         x = torch.randn(4, 16, 14, 14)

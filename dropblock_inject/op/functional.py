@@ -6,9 +6,9 @@ Two implementations draw seeds the same way (:mod:`dropblock_inject.op.sampling`
   dropped units, one dense multiply by the rescale factor, then the dropped units are zeroed in
   place through their indices. Backward saves the seeds (or the ``bool`` map when that is
   smaller), never a float tensor.
-* traceable (:func:`drop_block_traceable`): fixed-size tensors only (no data-dependent shapes,
-  no ``.item()``), so ``torch.compile(fullgraph=True)`` captures it and a schedule can change the
-  rate as a tensor without recompiling.
+* traceable (:func:`~dropblock_inject.op.traceable.drop_block_traceable`, used under
+  ``torch.compile``): fixed-size tensors only (no data-dependent shapes, no ``.item()``), one
+  dense pass over the input, and a rate that may be a tensor, so a schedule never recompiles.
 """
 
 from __future__ import annotations
@@ -21,16 +21,15 @@ import torch
 from dropblock_inject.op.geometry import (
     GAMMA_MODES,
     SEED_REGIONS,
-    BlockGeometry,
     block_geometry,
     max_seeds,
 )
-from dropblock_inject.op.sampling import block_rows, fill_rows, row_units, sample_seed_gaps, seed_positions
+from dropblock_inject.op.layout import is_dense, seed_batch, shared_strides, storage_view
+from dropblock_inject.op.sampling import block_rows, fill_rows, seed_positions
+from dropblock_inject.op.traceable import drop_block_traceable
 
 __all__ = ["drop_block", "drop_block_traceable"]
 
-_EPS = 1e-7
-_NEWTON_STEPS = 40
 _COUNT_GROUP = 255 * 8  # bytes per group of _count_dropped
 BlockSize = int | Sequence[int]
 
@@ -148,32 +147,6 @@ def _block_for(x: torch.Tensor, block: tuple[int, ...]) -> tuple[int, ...]:
     return block
 
 
-def _storage_view(t: torch.Tensor) -> torch.Tensor:
-    """A 1-D view of a dense tensor's elements in storage order."""
-    return t.as_strided((t.numel(),), (1,), t.storage_offset())
-
-
-def _is_dense(t: torch.Tensor) -> bool:
-    if t.dim() == 5:
-        return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last_3d)
-    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
-
-
-def _num_seed_positions(x: torch.Tensor, geom: BlockGeometry, shared: bool) -> tuple[tuple[int, int], int]:
-    batch = (x.shape[0], 1 if shared else x.shape[1])
-    return batch, batch[0] * batch[1] * math.prod(geom.seed_grid)
-
-
-def _shared_strides(x: torch.Tensor) -> tuple[int, ...]:
-    """Strides of the contiguous ``(N, 1, *spatial)`` mask of the shared-channel mode."""
-    spatial = x.shape[2:]
-    strides = [1]
-    for size in reversed(spatial[1:]):
-        strides.insert(0, strides[0] * size)
-    plane = math.prod(spatial)
-    return (plane, plane, *strides)
-
-
 def _new_dropped_map(numel: int, device: torch.device) -> torch.Tensor:
     """A zeroed ``bool`` map of ``numel`` units, padded to whole groups of 255 8-byte words."""
     return torch.zeros(-(-numel // _COUNT_GROUP) * _COUNT_GROUP, dtype=torch.bool, device=device)
@@ -189,23 +162,18 @@ def _count_dropped(dropped: torch.Tensor) -> torch.Tensor:
     return lanes.view(torch.uint8).sum()
 
 
-def _rescale(numel: int, dropped_count: torch.Tensor) -> torch.Tensor:
-    """``numel / kept`` as a 0-d float32 tensor, ``kept`` counted in float32 (no host sync)."""
-    return numel / ((numel - dropped_count).to(torch.float32) + _EPS)
-
-
 class _DropBlockFunction(torch.autograd.Function):
     """Eager DropBlock with a lean backward (seeds or a bool map are all it saves)."""
 
     @staticmethod
     def forward(ctx, x, rate, geom, shared, mode, generator, inplace):
-        if not _is_dense(x):
+        if not is_dense(x):
             x = x.contiguous()
             inplace = False
-        batch, num_pos = _num_seed_positions(x, geom, shared)
+        batch, num_pos = seed_batch(x, geom, shared)
         gamma = geom.seed_rate(rate, mode)
         pos = seed_positions(num_pos, max_seeds(num_pos, gamma), gamma, device=x.device, generator=generator)
-        strides = _shared_strides(x) if shared else x.stride()
+        strides = shared_strides(x) if shared else x.stride()
         rows, width = block_rows(pos, geom, batch, strides)
         numel = batch[0] * batch[1] * math.prod(geom.spatial)
         dropped = _new_dropped_map(numel, x.device)
@@ -219,7 +187,7 @@ class _DropBlockFunction(torch.autograd.Function):
             out = x.mul_(keep) if inplace else x * keep
         else:
             out = x.mul_(scale) if inplace else x * scale
-            fill_rows(_storage_view(out), rows, width, strides[-1], 0)
+            fill_rows(storage_view(out), rows, width, strides[-1], 0)
             ctx.x_layout = (x.shape, x.stride())
         ctx.save_for_backward(pos if save_seeds else dropped[:numel])
         if inplace:
@@ -235,10 +203,10 @@ class _DropBlockFunction(torch.autograd.Function):
         if saved.dtype == torch.bool:
             grad.masked_fill_(saved.as_strided(*ctx.x_layout), 0)
         else:
-            if not _is_dense(grad):
+            if not is_dense(grad):
                 grad = grad.contiguous()
             rows, width = block_rows(saved, ctx.geom, ctx.batch, grad.stride())
-            fill_rows(_storage_view(grad), rows, width, grad.stride()[-1], 0)
+            fill_rows(storage_view(grad), rows, width, grad.stride()[-1], 0)
         return grad, None, None, None, None, None, None
 
 
@@ -246,66 +214,3 @@ def _shared_keep(dropped: torch.Tensor, scale: torch.Tensor, like: torch.Tensor)
     """The rescaled keep mask ``(N, 1, *spatial)`` of the shared-channel mode, in ``like``'s dtype."""
     shape = (like.shape[0], 1, *like.shape[2:])
     return (~dropped).view(shape).to(like.dtype).mul_(scale)
-
-
-def drop_block_traceable(
-    x: torch.Tensor,
-    rate: float | torch.Tensor,
-    geom: BlockGeometry,
-    shared_channels: bool,
-    gamma: str,
-    *,
-    max_rate: float,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """DropBlock with static shapes only, for ``torch.compile`` and a tensor ``rate``.
-
-    The same seed distribution as the eager op: ``max_seeds`` geometric gaps for the largest
-    rate ``max_rate``; positions past the grid go to a sink slot that is discarded.
-
-    Args:
-        x: Input ``(N, C, *spatial)``, ``spatial == geom.spatial``.
-        rate: Drop rate (a float or a 0-d tensor, at most ``max_rate``).
-        geom: Block geometry of ``x``.
-        shared_channels: One mask per sample for all channels.
-        gamma: ``"paper"`` or ``"calibrated"``.
-        max_rate: Upper bound of ``rate`` (a float), which sizes the seed sample.
-        generator: Optional ``torch.Generator``.
-
-    Returns:
-        The output, a new tensor.
-    """
-    if not _is_dense(x):
-        x = x.contiguous()
-    batch, num_pos = _num_seed_positions(x, geom, shared_channels)
-    seed_rate = _seed_rate_tensor(geom, rate, gamma) if isinstance(rate, torch.Tensor) else geom.seed_rate(rate, gamma)
-    num_draws = max_seeds(num_pos, geom.seed_rate(max_rate, gamma))
-    pos = sample_seed_gaps(num_draws, seed_rate, device=x.device, generator=generator)
-    real = pos < num_pos
-    pos = pos.clamp(max=num_pos - 1).to(torch.int64)
-    strides = _shared_strides(x) if shared_channels else x.stride()
-    numel = batch[0] * batch[1] * math.prod(geom.spatial)
-    rows, width = block_rows(pos, geom, batch, strides)
-    idx = torch.where(real[:, None], row_units(rows, width, strides[-1]), numel).reshape(-1)
-    dropped = torch.zeros(numel + 1, dtype=torch.bool, device=x.device).index_fill(0, idx, True)[:numel]
-    scale = _rescale(numel, dropped.sum()).to(x.dtype)
-    shape = (x.shape[0], 1, *x.shape[2:])
-    mask = dropped.view(shape) if shared_channels else dropped.as_strided(x.shape, x.stride())
-    return torch.where(mask, torch.zeros((), dtype=x.dtype, device=x.device), x * scale)
-
-
-def _seed_rate_tensor(geom: BlockGeometry, rate: torch.Tensor, mode: str) -> torch.Tensor:
-    """``geom.seed_rate`` for a tensor rate, in tensor ops only (Newton for ``"calibrated"``)."""
-    rate = rate.to(torch.float64).clamp(0.0, 1.0)
-    if mode != "calibrated":
-        return (rate * geom.paper_slope).clamp(max=1.0)
-    n = torch.tensor([c[0] for c in geom.coverage], dtype=torch.float64, device=rate.device)
-    w = torch.tensor([c[1] for c in geom.coverage], dtype=torch.float64, device=rate.device)
-    keep = 1.0 - rate.clamp(max=1.0 - 1e-12)
-    # Newton on lambda = -log(1 - gamma): f(lambda) = sum(w * exp(-n * lambda)) - keep is convex
-    # and decreasing, so the iterates rise monotonically from 0 to the root, never past it.
-    lam = torch.zeros_like(rate)
-    for _ in range(_NEWTON_STEPS):
-        e = w * torch.exp(-n * lam)
-        lam = lam + (e.sum() - keep) / (n * e).sum()
-    return -torch.expm1(-lam)
