@@ -7,6 +7,7 @@ numerator and denominator together.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -16,7 +17,7 @@ import torch
 from dropblock_inject.errors import DropBlockInjectError
 from dropblock_inject.op.functional import drop_block
 
-__all__ = ["OP_SHAPES", "bench_inject", "bench_op", "bench_step", "time_interleaved"]
+__all__ = ["OP_SHAPES", "bench_inject", "bench_op", "bench_step", "step_memory", "time_interleaved"]
 
 OP_SHAPES: tuple[tuple[tuple[int, ...], int], ...] = (
     ((32, 256, 56, 56), 7),
@@ -160,22 +161,43 @@ def bench_inject(
 def bench_step(
     name: str,
     *,
-    batch_size: int = 8,
+    batch_size: int = 16,
     input_size: Sequence[int] = (3, 224, 224),
     repeats: int = 5,
     recipe: str | None = None,
     drop_prob: float = 0.1,
+    channels_last: bool = False,
+    amp: str | None = None,
+    compiled: bool = False,
+    memory: bool = True,
     print_fn: Callable[[str], None] = print,
 ) -> dict[str, float]:
     """Training-step and eval time of the patched model against the unpatched one (and against
-    itself, A/A, to show the noise), and of timm's own ``drop_block_rate`` where the model takes it.
+    itself, A/A, to show the noise), of timm's own ``drop_block_rate`` where the model takes it,
+    and the eval time after ``strip``; then the peak memory of one training step.
 
     All candidates are built from the same weights and run interleaved; the DropBlocks run at
-    their full target rate (the end of the schedule). Returns the median seconds per candidate.
+    their full target rate (the end of the schedule).
+
+    Args:
+        name: Model name (see :func:`dropblock_inject.models.create_model`).
+        batch_size: Batch size.
+        input_size: Input size without the batch dimension.
+        repeats: Interleaved turns; each time is the median over the turns.
+        recipe: Recipe name or path (default: the built-in rules).
+        drop_prob: Drop rate.
+        channels_last: Run models and input in channels_last (3-D: channels_last_3d).
+        amp: ``"bf16"`` or ``"fp16"``: the step runs under ``torch.autocast``.
+        compiled: ``torch.compile`` every model (compilation happens in the untimed warm-up).
+        memory: Also measure the peak memory and the bytes saved for backward of one step.
+        print_fn: Where the table goes.
+
+    Returns:
+        Median seconds per candidate, plus ``"memory <label>"`` entries (peak bytes) when measured.
     """
     import copy
 
-    from dropblock_inject.api import inject
+    from dropblock_inject.api import inject, strip
     from dropblock_inject.models import create_model
 
     torch.manual_seed(0)
@@ -188,31 +210,92 @@ def bench_step(
         models["timm drop_block_rate"] = timm_model
     except (TypeError, RuntimeError, DropBlockInjectError):
         pass  # the model does not take drop_block_rate
+    models["stripped"] = strip(copy.deepcopy(models["patched"]))
     x = torch.randn(batch_size, *input_size)
+    if channels_last:
+        fmt = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+        x = x.to(memory_format=fmt)
+        models = {label: m.to(memory_format=fmt) for label, m in models.items()}
+    runners = {label: torch.compile(m) if compiled else m for label, m in models.items()}
     fns: dict[str, Callable[[], object]] = {}
-    for label, model in models.items():
-        fns[f"train {label}"] = _train_step(model, x)
-    for label in ("unpatched", "patched"):
-        fns[f"eval {label}"] = _eval_step(models[label], x)
+    for label, model in runners.items():
+        if label != "stripped":
+            fns[f"train {label}"] = _train_step(model, x, amp)
+    for label in ("unpatched", "patched", "stripped"):
+        fns[f"eval {label}"] = _eval_step(runners[label], x, amp)
     times = time_interleaved(fns, repeats, number=1)
+    flags = [f for f, on in (("channels_last", channels_last), (f"autocast {amp}", amp), ("compiled", compiled)) if on]
+    flag_text = "".join(", " + f for f in flags)
     print_fn(f"bench step {name}: batch {batch_size}, input {'x'.join(map(str, input_size))}, threads="
-             f"{torch.get_num_threads()}, median of {repeats} interleaved turns")  # fmt: skip
+             f"{torch.get_num_threads()}, median of {repeats} interleaved turns{flag_text}")  # fmt: skip
     for phase in ("train", "eval"):
         floor = times[f"{phase} unpatched"]
         for key, t in times.items():
             if key.startswith(phase):
                 print_fn(f"  {key:<28} {t * 1e3:9.1f} ms  {t / floor:6.3f}x unpatched")
+    if memory:
+        times.update(_report_memory({k[6:]: f for k, f in fns.items() if k.startswith("train ")}, print_fn))
     return times
 
 
-def _train_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+def _report_memory(steps: dict[str, Callable[[], object]], print_fn: Callable[[str], None]) -> dict[str, float]:
+    """Print peak bytes and bytes saved for backward of one call of each step, as ratios to the first."""
+    usage = {label: step_memory(step) for label, step in steps.items() if label != "unpatched (A/A)"}
+    print_fn("  memory of one training step       peak allocated        saved for backward")
+    ref = next(iter(usage.values()))
+    for label, (peak, saved) in usage.items():
+        peak_text = f"{peak / 2**20:9.1f} MB {peak / ref[0]:6.3f}x" if peak and ref[0] else "   (not measured)  "
+        print_fn(f"  {label:<28} {peak_text}   {saved / 2**20:9.1f} MB {saved / ref[1]:6.3f}x")
+    return {f"memory {label}": float(peak or 0) for label, (peak, _) in usage.items()}
+
+
+def step_memory(step: Callable[[], object]) -> tuple[int | None, int]:
+    """``(peak, saved)`` bytes of one call of a training step.
+
+    ``saved`` counts the distinct storages autograd keeps for backward (``saved_tensors_hooks``);
+    ``peak`` is the highest total of live tensors in the profiler's memory timeline (every device,
+    parameters and gradients included), or None where the profiler cannot say.
+    """
+    storages: dict[tuple[str, int], int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[(str(t.device), storage.data_ptr())] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return _profiled_peak(step), sum(storages.values())
+
+
+def _profiled_peak(step: Callable[[], object]) -> int | None:
+    try:
+        from torch.profiler import profile
+        from torch.profiler._memory_profiler import Action, MemoryProfile
+
+        with profile(profile_memory=True, record_shapes=True, with_stack=True) as prof:
+            step()
+        live = peak = 0
+        for _, action, _, size in MemoryProfile(prof.profiler.kineto_results).timeline:
+            if action in (Action.PREEXISTING, Action.CREATE):
+                live += size
+            elif action == Action.DESTROY:
+                live -= size
+            peak = max(peak, live)
+        return peak
+    except Exception:  # a private profiler API; the saved-bytes figure still stands
+        return None
+
+
+def _train_step(model: Callable[..., object], x: torch.Tensor, amp: str | None = None) -> Callable[[], object]:
+    module = getattr(model, "_orig_mod", model)
+    opt = torch.optim.SGD(module.parameters(), lr=1e-3)
 
     def step() -> object:
-        model.train()
+        module.train()
         opt.zero_grad(set_to_none=True)
-        out = model(x)
-        loss = (out["out"] if isinstance(out, dict) else out).float().square().mean()
+        with _autocast(x, amp):
+            loss = _loss(model(x))
         loss.backward()
         opt.step()
         return loss
@@ -220,13 +303,32 @@ def _train_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]
     return step
 
 
-def _eval_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
+def _eval_step(model: Callable[..., object], x: torch.Tensor, amp: str | None = None) -> Callable[[], object]:
+    module = getattr(model, "_orig_mod", model)
+
     def step() -> object:
-        model.eval()
-        with torch.no_grad():
+        module.eval()
+        with torch.no_grad(), _autocast(x, amp):
             return model(x)
 
     return step
+
+
+def _autocast(x: torch.Tensor, amp: str | None) -> contextlib.AbstractContextManager[object]:
+    if amp is None:
+        return contextlib.nullcontext()
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if amp not in dtypes:
+        raise ValueError(f"amp must be one of {sorted(dtypes)} or None, got {amp!r}")
+    return torch.autocast(x.device.type, dtype=dtypes[amp])
+
+
+def _loss(out: object) -> torch.Tensor:
+    """Mean square of every floating tensor in a model's output (tensor, dict, list or tuple)."""
+    if isinstance(out, torch.Tensor):
+        return out.float().square().mean()
+    parts = out.values() if isinstance(out, dict) else out
+    return sum((_loss(o) for o in parts if isinstance(o, (torch.Tensor, dict, list, tuple))), torch.zeros(()))
 
 
 if __name__ == "__main__":  # python -m dropblock_inject.bench op

@@ -52,11 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     inj.set_defaults(func=_run_bench_inject)
     step = bench_sub.add_parser("step", help="training-step and eval time, patched vs unpatched vs timm's own")
     step.add_argument("model", help="timm name, tv:<builder> or module:callable")
-    step.add_argument("--batch-size", type=_positive_int, default=8)
+    step.add_argument("--batch-size", type=_positive_int, default=16)
     step.add_argument("--input-size", type=_positive_int, nargs="+", default=[3, 224, 224], metavar="N")
     step.add_argument("--repeats", type=_positive_int, default=5)
     step.add_argument("--recipe", default=None, help="recipe name or YAML path (default: built-in rules)")
     step.add_argument("--drop-prob", type=float, default=0.1)
+    step.add_argument("--channels-last", action="store_true", help="models and input in channels_last")
+    step.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="run the step under torch.autocast")
+    step.add_argument("--compile", action="store_true", help="torch.compile every model (compiled in the warm-up)")
+    step.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     step.set_defaults(func=_run_bench_step)
     viz = sub.add_parser("viz", help="sample masks per patched stage and the schedule, as a PNG")
     viz.add_argument("model", help="timm name, tv:<builder> or module:callable")
@@ -76,7 +80,8 @@ def _run_bench_step(args: argparse.Namespace) -> int:
     from dropblock_inject.bench import bench_step
 
     bench_step(args.model, batch_size=args.batch_size, input_size=args.input_size, repeats=args.repeats,
-               recipe=args.recipe, drop_prob=args.drop_prob)  # fmt: skip
+               recipe=args.recipe, drop_prob=args.drop_prob, channels_last=args.channels_last, amp=args.amp,
+               compiled=args.compile, memory=not args.no_memory)  # fmt: skip
     return 0
 
 

@@ -17,7 +17,8 @@ def create_model(name: str, *, pretrained: bool = False, **kwargs: object) -> nn
 
     Args:
         name: ``resnet50`` (timm), ``tv:resnet50`` (torchvision; detection and video builders
-            too, e.g. ``tv:fasterrcnn_resnet50_fpn``, ``tv:r3d_18``) or ``package.module:callable``.
+            too, e.g. ``tv:fasterrcnn_resnet50_fpn``, ``tv:r3d_18``; ``tv:<builder>.backbone`` is
+            a detection model's backbone alone) or ``package.module:callable``.
         pretrained: Load the hub's weights (needs network access).
         **kwargs: Passed to the builder.
 
@@ -29,7 +30,11 @@ def create_model(name: str, *, pretrained: bool = False, **kwargs: object) -> nn
         'ResNet'
     """
     if name.startswith("tv:"):
-        return _torchvision(name[3:], pretrained, kwargs)
+        builder, dot, part = name[3:].partition(".")
+        model = _torchvision(builder, pretrained, kwargs)
+        if dot and (part != "backbone" or not isinstance(getattr(model, "backbone", None), nn.Module)):
+            raise DropBlockInjectError(f"{name!r}: only '.backbone' of a detection model can follow the builder")
+        return model.backbone if dot else model
     if ":" in name:
         module_name, _, attr = name.partition(":")
         try:

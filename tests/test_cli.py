@@ -42,6 +42,29 @@ class TestBench:
         assert next(r for r in rows if r["name"] == "floor x*2")["ratio"] == 1.0
         assert any("x floor" in line for line in lines)
 
+    def test_bench_op_compiled_rows_use_the_compiled_floor(self, monkeypatch) -> None:
+        import torch
+
+        monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # the wiring, without Inductor's minutes
+        lines: list[str] = []
+        rows = bench_op([((2, 8, 14, 14), 7)], repeats=1, compiled=True, print_fn=lines.append)
+        by_name = {row["name"]: row for row in rows}
+        assert by_name["compiled floor x*2"]["ratio"] == 1.0
+        assert {"compiled per-channel", "compiled shared"} <= set(by_name)
+        assert any("x compiled floor" in line for line in lines)
+
+    def test_bench_op_shape_must_have_4_or_5_sizes(self) -> None:
+        with pytest.raises(SystemExit, match="--shape takes 4 or 5 sizes"):
+            main(["bench", "op", "--shape", "2", "8", "14"])
+
+    def test_detection_backbone_names(self) -> None:
+        from dropblock_inject.errors import DropBlockInjectError
+        from dropblock_inject.models import create_model
+
+        assert type(create_model("tv:fasterrcnn_mobilenet_v3_large_fpn.backbone")).__name__ == "BackboneWithFPN"
+        with pytest.raises(DropBlockInjectError, match=r"only '\.backbone'"):
+            create_model("tv:resnet18.backbone")
+
 
 class TestVizAndBenchStep:
     def test_viz_writes_a_png(self, tmp_path) -> None:
@@ -58,7 +81,18 @@ class TestVizAndBenchStep:
         lines: list[str] = []
         times = bench_step("resnet10t", batch_size=2, input_size=(3, 64, 64), repeats=1, print_fn=lines.append)
         assert {"train unpatched", "train patched", "eval patched", "train timm drop_block_rate"} <= set(times)
+        assert {"eval stripped", "memory unpatched", "memory patched"} <= set(times)
         assert any("x unpatched" in line for line in lines)
+        assert any(line.strip().startswith("patched") and "MB" in line for line in lines)
+
+    def test_bench_step_channels_last_and_autocast(self) -> None:
+        from dropblock_inject.bench import bench_step
+
+        lines: list[str] = []
+        times = bench_step("resnet10t", batch_size=2, input_size=(3, 64, 64), repeats=1, channels_last=True,
+                           amp="bf16", memory=False, print_fn=lines.append)  # fmt: skip
+        assert "train patched" in times and "memory patched" not in times
+        assert "channels_last, autocast bf16" in lines[0]
 
 
 TINY = "test_finetune:tiny_net"  # tests/test_finetune.py; pytest puts tests/ on sys.path
