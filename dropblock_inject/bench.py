@@ -26,19 +26,25 @@ OP_SHAPES: tuple[tuple[tuple[int, ...], int], ...] = (
 )
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, number: int = 3) -> dict[str, float]:
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], repeats: int, number: int = 3, *, device: torch.device | str = "cpu"
+) -> dict[str, float]:
     """Median seconds per call of each function; the candidates take turns ``repeats`` times.
 
     In each turn a candidate runs once untimed (so the previous candidate's memory traffic and
-    allocations do not land on it), then ``number`` timed calls whose mean is one sample.
+    allocations do not land on it), then ``number`` timed calls whose mean is one sample. On a
+    CUDA ``device`` the clock is read after ``torch.cuda.synchronize()``.
     """
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             fn()
+            sync()
             t0 = time.perf_counter()
             for _ in range(number):
                 fn()
+            sync()
             samples[name].append((time.perf_counter() - t0) / number)
     return {name: statistics.median(ts) for name, ts in samples.items()}
 
@@ -110,7 +116,7 @@ def bench_op(
     )
     for shape, block in shapes:
         x = torch.randn(shape, dtype=dtype, device=device)
-        times = time_interleaved(_op_candidates(x, block, drop_prob, compiled), repeats)
+        times = time_interleaved(_op_candidates(x, block, drop_prob, compiled), repeats, device=device)
         print_fn(f"{tuple(shape)} block {block}:")
         for name, t in times.items():
             floor = times["compiled floor x*2" if name.startswith("compiled") else "floor x*2"]
@@ -170,6 +176,7 @@ def bench_step(
     amp: str | None = None,
     compiled: bool = False,
     memory: bool = True,
+    device: str = "cpu",
     print_fn: Callable[[str], None] = print,
 ) -> dict[str, float]:
     """Training-step and eval time of the patched model against the unpatched one (and against
@@ -190,6 +197,7 @@ def bench_step(
         amp: ``"bf16"`` or ``"fp16"``: the step runs under ``torch.autocast``.
         compiled: ``torch.compile`` every model (compilation happens in the untimed warm-up).
         memory: Also measure the peak memory and the bytes saved for backward of one step.
+        device: ``"cpu"`` or ``"cuda"``.
         print_fn: Where the table goes.
 
     Returns:
@@ -204,14 +212,16 @@ def bench_step(
     base = create_model(name)
     models = {"unpatched": base, "unpatched (A/A)": copy.deepcopy(base)}
     models["patched"] = inject(copy.deepcopy(base), recipe, drop_prob=drop_prob, input_size=tuple(input_size))
-    try:
-        timm_model = create_model(name, drop_block_rate=drop_prob)
-        timm_model.load_state_dict(base.state_dict())
-        models["timm drop_block_rate"] = timm_model
-    except (TypeError, RuntimeError, DropBlockInjectError):
-        pass  # the model does not take drop_block_rate
+    if ":" not in name:  # a timm name: timm's own DropBlock, where the model takes drop_block_rate
+        try:
+            timm_model = create_model(name, drop_block_rate=drop_prob)
+            timm_model.load_state_dict(base.state_dict())
+            models["timm drop_block_rate"] = timm_model
+        except (TypeError, RuntimeError, DropBlockInjectError):
+            pass
     models["stripped"] = strip(copy.deepcopy(models["patched"]))
-    x = torch.randn(batch_size, *input_size)
+    x = torch.randn(batch_size, *input_size, device=device)
+    models = {label: m.to(device) for label, m in models.items()}
     if channels_last:
         fmt = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
         x = x.to(memory_format=fmt)
@@ -223,24 +233,28 @@ def bench_step(
             fns[f"train {label}"] = _train_step(model, x, amp)
     for label in ("unpatched", "patched", "stripped"):
         fns[f"eval {label}"] = _eval_step(runners[label], x, amp)
-    times = time_interleaved(fns, repeats, number=1)
+    times = time_interleaved(fns, repeats, number=1, device=device)
     flags = [f for f, on in (("channels_last", channels_last), (f"autocast {amp}", amp), ("compiled", compiled)) if on]
     flag_text = "".join(", " + f for f in flags)
-    print_fn(f"bench step {name}: batch {batch_size}, input {'x'.join(map(str, input_size))}, threads="
-             f"{torch.get_num_threads()}, median of {repeats} interleaved turns{flag_text}")  # fmt: skip
+    where = torch.cuda.get_device_name(device) if x.is_cuda else f"cpu, threads={torch.get_num_threads()}"
+    print_fn(f"bench step {name}: batch {batch_size}, input {'x'.join(map(str, input_size))}, {where}, "
+             f"median of {repeats} interleaved turns{flag_text}")  # fmt: skip
     for phase in ("train", "eval"):
         floor = times[f"{phase} unpatched"]
         for key, t in times.items():
             if key.startswith(phase):
                 print_fn(f"  {key:<28} {t * 1e3:9.1f} ms  {t / floor:6.3f}x unpatched")
     if memory:
-        times.update(_report_memory({k[6:]: f for k, f in fns.items() if k.startswith("train ")}, print_fn))
+        steps = {k[6:]: f for k, f in fns.items() if k.startswith("train ")}
+        times.update(_report_memory(steps, x.device, print_fn))
     return times
 
 
-def _report_memory(steps: dict[str, Callable[[], object]], print_fn: Callable[[str], None]) -> dict[str, float]:
+def _report_memory(
+    steps: dict[str, Callable[[], object]], device: torch.device, print_fn: Callable[[str], None]
+) -> dict[str, float]:
     """Print peak bytes and bytes saved for backward of one call of each step, as ratios to the first."""
-    usage = {label: step_memory(step) for label, step in steps.items() if label != "unpatched (A/A)"}
+    usage = {label: step_memory(step, device) for label, step in steps.items() if label != "unpatched (A/A)"}
     print_fn("  memory of one training step       peak allocated        saved for backward")
     ref = next(iter(usage.values()))
     for label, (peak, saved) in usage.items():
@@ -249,12 +263,13 @@ def _report_memory(steps: dict[str, Callable[[], object]], print_fn: Callable[[s
     return {f"memory {label}": float(peak or 0) for label, (peak, _) in usage.items()}
 
 
-def step_memory(step: Callable[[], object]) -> tuple[int | None, int]:
+def step_memory(step: Callable[[], object], device: torch.device | str = "cpu") -> tuple[int | None, int]:
     """``(peak, saved)`` bytes of one call of a training step.
 
-    ``saved`` counts the distinct storages autograd keeps for backward (``saved_tensors_hooks``);
-    ``peak`` is the highest total of live tensors in the profiler's memory timeline (every device,
-    parameters and gradients included), or None where the profiler cannot say.
+    ``saved`` counts the distinct storages autograd keeps for backward (``saved_tensors_hooks``).
+    ``peak`` is the highest total of live tensors, parameters and gradients included: on CUDA the
+    allocator's ``max_memory_allocated``, on CPU the profiler's memory timeline (None where the
+    profiler cannot say).
     """
     storages: dict[tuple[str, int], int] = {}
 
@@ -265,6 +280,12 @@ def step_memory(step: Callable[[], object]) -> tuple[int | None, int]:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         step()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device), sum(storages.values())
     return _profiled_peak(step), sum(storages.values())
 
 

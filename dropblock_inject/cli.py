@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="run the step under torch.autocast")
     step.add_argument("--compile", action="store_true", help="torch.compile every model (compiled in the warm-up)")
     step.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    step.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     step.set_defaults(func=_run_bench_step)
     viz = sub.add_parser("viz", help="sample masks per patched stage and the schedule, as a PNG")
     viz.add_argument("model", help="timm name, tv:<builder> or module:callable")
@@ -81,7 +82,7 @@ def _run_bench_step(args: argparse.Namespace) -> int:
 
     bench_step(args.model, batch_size=args.batch_size, input_size=args.input_size, repeats=args.repeats,
                recipe=args.recipe, drop_prob=args.drop_prob, channels_last=args.channels_last, amp=args.amp,
-               compiled=args.compile, memory=not args.no_memory)  # fmt: skip
+               compiled=args.compile, memory=not args.no_memory, device=args.device)  # fmt: skip
     return 0
 
 

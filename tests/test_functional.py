@@ -242,6 +242,8 @@ class TestTraceablePath:
         [
             ((14, 14), (7, 7), "valid"),  # one table
             ((7, 7), (3, 3), "full"),
+            ((7, 7), (3, 3), "valid"),  # 7-wide rows: looked up two rows at a time
+            ((9, 4), (2, 2), "valid"),  # 4-wide rows, an odd number of them: padded groups
             ((13, 9), (4, 6), "valid"),  # rectangular
             ((14, 14), (3, 3), "valid"),  # 12-column words: byte tables
             ((28, 28), (7, 7), "full"),

@@ -200,3 +200,33 @@ def _tensors(out: object) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
     return [t for t in (out.values() if isinstance(out, dict) else out) if isinstance(t, torch.Tensor)]
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="no CUDA device: the GPU checks run where the device tool lends one (.ci/gpu-check)",
+)
+class TestCuda:
+    def test_eager_op_rate_and_rescale(self) -> None:
+        x = torch.ones(32, 256, 14, 14, device="cuda")
+        y = dbi.drop_block(x, 0.1, 7, gamma="calibrated")
+        assert (y == 0).float().mean().item() == pytest.approx(0.1, abs=0.01)
+        assert y.mean().item() == pytest.approx(1.0, abs=1e-4)
+
+    def test_compiled_op_rate_and_rescale(self) -> None:
+        torch._dynamo.reset()
+        m = torch.compile(dbi.DropBlock(0.1, 7, gamma="calibrated").cuda(), fullgraph=True)
+        x = torch.ones(32, 256, 14, 14, device="cuda")
+        y = m(x)
+        assert (y == 0).float().mean().item() == pytest.approx(0.1, abs=0.01)
+        assert y.mean().item() == pytest.approx(1.0, abs=1e-4)
+
+    def test_fp16_autocast_and_channels_last(self) -> None:
+        base, patched = build("resnet50", (3, 96, 96))
+        x = torch.randn(4, 3, 96, 96, device="cuda").to(memory_format=torch.channels_last)
+        base, patched = (m.cuda().to(memory_format=torch.channels_last).train() for m in (base, patched))
+        with torch.autocast("cuda", dtype=torch.float16):
+            ref, out = base(x), patched(x)
+        assert out.dtype == ref.dtype
+        out.float().sum().backward()
+        assert all(p.grad is not None for p in patched.parameters())

@@ -39,6 +39,7 @@ __all__ = ["MAX_WORD_BITS", "drop_block_traceable", "keep_mask", "seed_rate_tens
 MAX_WORD_BITS = 62  # highest bit index a dilated int64 row word may use
 _TABLE_BITS = 10  # seed words up to this many columns use a single keep table (1024 rows)
 _CHUNK_BITS = 8  # wider words: one table per byte
+_SIMD_FLOATS = 8  # float32 lanes of an AVX2 vector: narrower rows are grouped
 _NEWTON_STEPS = 40
 
 
@@ -133,13 +134,33 @@ def _row_word_keep(pos: torch.Tensor, geom: BlockGeometry, planes: int) -> tuple
     windows = _column_windows(geom)
     dropped = _popcount(_dilate_columns(words, geom)).sum()
     if grid_w <= _TABLE_BITS:
-        return _keep_table(windows, 0, grid_w, pos.device)[words], dropped
+        return _narrow_or_single_table(words, windows, geom), dropped
     keep = None
     for lo in range(0, grid_w, _CHUNK_BITS):
         table = _keep_table(windows, lo, min(_CHUNK_BITS, grid_w - lo), pos.device)
         part = table[(words >> lo) & ((1 << _CHUNK_BITS) - 1)]
         keep = part if keep is None else keep * part
     return keep, dropped
+
+
+def _narrow_or_single_table(words: torch.Tensor, windows: tuple[int, ...], geom: BlockGeometry) -> torch.Tensor:
+    """``keep`` from one table; rows narrower than a SIMD vector are looked up ``g`` rows at a time.
+
+    A 7-wide row would leave Inductor one partial vector per row (and a poor loop order); the
+    ``g`` rows' words are concatenated into one index of a table whose rows are ``g * W`` wide.
+    """
+    grid_w, width = geom.seed_grid[-1], geom.spatial[-1]
+    group = -(-_SIMD_FLOATS // width)
+    if width >= _SIMD_FLOATS or group * grid_w > _TABLE_BITS:
+        return _keep_table(windows, 0, grid_w, words.device)[words]
+    planes, rows = words.shape[0], math.prod(words.shape[1:])
+    padded = F.pad(words.reshape(planes, rows), (0, -rows % group)).view(planes, -1, group)
+    index = padded[..., 0]
+    for j in range(1, group):
+        index = index | (padded[..., j] << (j * grid_w))
+    grouped = tuple(m << (j * grid_w) for j in range(group) for m in windows)
+    keep = _keep_table(grouped, 0, group * grid_w, words.device)[index]
+    return keep.reshape(planes, -1)[:, : rows * width].reshape(planes, *geom.spatial)
 
 
 def _dilate(words: torch.Tensor, dim: int, size: int, start: int, k: int) -> torch.Tensor:
