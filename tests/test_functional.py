@@ -244,6 +244,7 @@ class TestTraceablePath:
             ((7, 7), (3, 3), "full"),
             ((7, 7), (3, 3), "valid"),  # 7-wide rows: looked up two rows at a time
             ((9, 4), (2, 2), "valid"),  # 4-wide rows, an odd number of them: padded groups
+            ((4, 4), (2, 2), "valid"),  # an even number: no padding, strided words
             ((13, 9), (4, 6), "valid"),  # rectangular
             ((14, 14), (3, 3), "valid"),  # 12-column words: byte tables
             ((28, 28), (7, 7), "full"),

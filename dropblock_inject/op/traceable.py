@@ -85,7 +85,7 @@ def drop_block_traceable(
     num_draws = max_seeds(num_pos, geom.seed_rate(max_rate, gamma))
     pos = sample_seed_gaps(num_draws, seed_rate, device=x.device, generator=generator)
     keep, dropped = keep_mask(pos, geom, batch)
-    factor = keep.view(*batch, *geom.spatial) * rescale(keep.numel(), dropped)
+    factor = keep.reshape(*batch, *geom.spatial) * rescale(keep.numel(), dropped)
     if x.dtype in (torch.float32, torch.float64):
         return x * factor
     return (x.float() * factor).to(x.dtype)  # half types: rescale in float32, round once
@@ -154,7 +154,10 @@ def _narrow_or_single_table(words: torch.Tensor, windows: tuple[int, ...], geom:
     if width >= _SIMD_FLOATS or group * grid_w > _TABLE_BITS:
         return _keep_table(windows, 0, grid_w, words.device)[words]
     planes, rows = words.shape[0], math.prod(words.shape[1:])
-    padded = F.pad(words.reshape(planes, rows), (0, -rows % group)).view(planes, -1, group)
+    padded = words.reshape(planes, rows).contiguous()  # words are plane-innermost: one small copy
+    if rows % group:
+        padded = F.pad(padded, (0, group - rows % group))
+    padded = padded.view(planes, -1, group)
     index = padded[..., 0]
     for j in range(1, group):
         index = index | (padded[..., j] << (j * grid_w))
