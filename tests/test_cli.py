@@ -82,6 +82,8 @@ class TestVizAndBenchStep:
         times = bench_step("resnet10t", batch_size=2, input_size=(3, 64, 64), repeats=1, print_fn=lines.append)
         assert {"train unpatched", "train patched", "eval patched", "train timm drop_block_rate"} <= set(times)
         assert {"eval stripped", "memory unpatched", "memory patched"} <= set(times)
+        assert 0.0 < times["op share"] < 0.5
+        assert any("DropBlock ops (forward + backward)" in line for line in lines)
         assert any("x unpatched" in line for line in lines)
         assert any(line.strip().startswith("patched") and "MB" in line for line in lines)
 
