@@ -110,6 +110,11 @@ def keep_mask(pos: torch.Tensor, geom: BlockGeometry, batch: tuple[int, int]) ->
     return _dense_keep(pos, geom, planes)
 
 
+def _seed_index(pos: torch.Tensor, num_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which draws are seeds (``pos < num_pos``), and every draw as an in-range int64 position."""
+    return pos < num_pos, pos.clamp(max=num_pos - 1).to(torch.int64)
+
+
 def _fits_row_words(geom: BlockGeometry) -> bool:
     grid_w, k = geom.seed_grid[-1], geom.block[-1]
     return grid_w + k - 2 <= MAX_WORD_BITS
@@ -119,8 +124,7 @@ def _row_word_keep(pos: torch.Tensor, geom: BlockGeometry, planes: int) -> tuple
     grid, grid_w = geom.seed_grid, geom.seed_grid[-1]
     num_pos = planes * math.prod(grid)
     rows = math.prod(grid[:-1])  # seed rows per plane
-    real = pos < num_pos
-    index = pos.clamp(max=num_pos - 1).to(torch.int64)
+    real, index = _seed_index(pos, num_pos)
     word = torch.div(index, grid_w, rounding_mode="floor")
     col = index - word * grid_w
     plane = torch.div(word, rows, rounding_mode="floor")
@@ -194,9 +198,12 @@ def _dilate_columns(words: torch.Tensor, geom: BlockGeometry) -> torch.Tensor:
 def _popcount(v: torch.Tensor) -> torch.Tensor:
     """Set bits of non-negative int32 or int64 words (SWAR, no multiply)."""
     wide = v.dtype == torch.int64
-    v = v - ((v >> 1) & (0x5555555555555555 if wide else 0x55555555))
-    v = (v & (0x3333333333333333 if wide else 0x33333333)) + ((v >> 2) & (0x3333333333333333 if wide else 0x33333333))
-    v = (v + (v >> 4)) & (0x0F0F0F0F0F0F0F0F if wide else 0x0F0F0F0F)
+    m1, m2, m4 = (
+        (0x5555555555555555, 0x3333333333333333, 0x0F0F0F0F0F0F0F0F) if wide else (0x55555555, 0x33333333, 0x0F0F0F0F)
+    )
+    v = v - ((v >> 1) & m1)
+    v = (v & m2) + ((v >> 2) & m2)
+    v = (v + (v >> 4)) & m4
     v = v + (v >> 8)
     v = v + (v >> 16)
     if wide:
@@ -230,8 +237,7 @@ def _dense_keep(pos: torch.Tensor, geom: BlockGeometry, planes: int) -> tuple[to
     """The general path: ``index_fill`` the dropped units into a dense ``bool`` map."""
     num_pos = planes * math.prod(geom.seed_grid)
     numel = planes * math.prod(geom.spatial)
-    real = pos < num_pos
-    index = pos.clamp(max=num_pos - 1).to(torch.int64)
+    real, index = _seed_index(pos, num_pos)
     strides = contiguous_strides((planes, 1, *geom.spatial))
     rows, width = block_rows(index, geom, (planes, 1), strides)
     units = torch.where(real[:, None], row_units(rows, width, strides[-1]), numel).reshape(-1)
