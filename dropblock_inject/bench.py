@@ -1,8 +1,8 @@
 """Benchmarks: ``python -m dropblock_inject.bench op`` (also ``dropblock-inject bench op``).
 
-Every candidate runs interleaved with the others in one process, and each time is reported as a
-ratio to the floor, an out-of-place elementwise multiply of the same tensor: machine noise moves
-numerator and denominator together.
+Every candidate runs interleaved with the others in one process, and each op's time is reported
+as a ratio to the floor, an out-of-place elementwise multiply of the same tensor, timed right
+before it in every turn: machine noise moves numerator and denominator together.
 """
 
 from __future__ import annotations
@@ -17,7 +17,16 @@ import torch
 from dropblock_inject.errors import DropBlockInjectError
 from dropblock_inject.op.functional import drop_block
 
-__all__ = ["OP_SHAPES", "bench_inject", "bench_op", "bench_step", "op_share", "step_memory", "time_interleaved"]
+__all__ = [
+    "OP_SHAPES",
+    "bench_inject",
+    "bench_op",
+    "bench_step",
+    "op_share",
+    "step_memory",
+    "time_interleaved",
+    "time_paired",
+]
 
 OP_SHAPES: tuple[tuple[tuple[int, ...], int], ...] = (
     ((32, 256, 56, 56), 7),
@@ -35,18 +44,80 @@ def time_interleaved(
     allocations do not land on it), then ``number`` timed calls whose mean is one sample. On a
     CUDA ``device`` the clock is read after ``torch.cuda.synchronize()``.
     """
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            fn()
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(number):
-                fn()
-            sync()
-            samples[name].append((time.perf_counter() - t0) / number)
+            samples[name].append(_sample(fn, number, device))
     return {name: statistics.median(ts) for name, ts in samples.items()}
+
+
+def time_paired(
+    fns: dict[str, Callable[[], object]],
+    baseline_of: Callable[[str], str],
+    repeats: int,
+    number: int = 3,
+    *,
+    device: torch.device | str = "cpu",
+) -> dict[str, tuple[float, float]]:
+    """``(median seconds, median ratio)`` per function, each ratio paired with its baseline.
+
+    As :func:`time_interleaved`, but in every turn each candidate is timed right after a fresh
+    sample of its baseline (``baseline_of(name)``, a key of ``fns``), and its ratio is the median
+    over the turns of those adjacent pairs: a noisy machine's slow spells then land on both.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    ratios: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            base = baseline_of(name)
+            base_t = _sample(fns[base], number, device)
+            t = base_t if name == base else _sample(fn, number, device)
+            samples[base].append(base_t)
+            if name != base:
+                samples[name].append(t)
+            ratios[name].append(t / base_t)
+    return {name: (statistics.median(samples[name]), statistics.median(ratios[name])) for name in fns}
+
+
+def steady_heap() -> str:
+    """Make glibc keep freed memory in the process heap (no mmap for large blocks, no trimming).
+
+    Otherwise a benchmark times page faults as much as ops: glibc hands blocks above its mmap
+    threshold back to the OS when they are freed, the next allocation of the same size faults
+    every page in again (6,000 faults for a 25 MB tensor), and which candidate pays depends on the
+    order of its allocations, not on its work. A training loop's steady state reuses its heap.
+    Process-wide and irreversible: the ``bench`` command calls it, the library never does.
+
+    Returns:
+        A line for the report, or ``""`` where the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):
+        mallopt = None
+    if mallopt is None or not (mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)):
+        return ""
+    return "heap: steady (glibc mallopt: no mmap, no trim), so fresh allocations do not page-fault"
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters
+
+
+def _sample(fn: Callable[[], object], number: int, device: torch.device | str) -> float:
+    """Mean seconds of ``number`` calls after one untimed call (CUDA: synchronised)."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(number):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / number
 
 
 def _op_candidates(x: torch.Tensor, block: int, p: float, compiled: bool) -> dict[str, Callable[[], object]]:
@@ -91,6 +162,10 @@ def _compiled_candidates(x: torch.Tensor, block: int, p: float) -> dict[str, Cal
     }
 
 
+def _floor_of(name: str) -> str:
+    return "compiled floor x*2" if name.startswith("compiled") else "floor x*2"
+
+
 def bench_op(
     shapes: Sequence[tuple[tuple[int, ...], int]] = OP_SHAPES,
     *,
@@ -112,21 +187,19 @@ def bench_op(
     rows: list[dict[str, object]] = []
     print_fn(
         f"bench op: {device} {str(dtype).replace('torch.', '')}, threads={torch.get_num_threads()}, "
-        f"p={drop_prob}, median of {repeats} interleaved turns, ratio = time / time(floor)"
+        f"p={drop_prob}, median of {repeats} interleaved turns, ratio = median of time / time(floor timed just before)"
     )
     for shape, block in shapes:
         x = torch.randn(shape, dtype=dtype, device=device)
-        times = time_interleaved(_op_candidates(x, block, drop_prob, compiled), repeats, device=device)
+        timed = time_paired(_op_candidates(x, block, drop_prob, compiled), _floor_of, repeats, device=device)
         print_fn(f"{tuple(shape)} block {block}:")
-        for name, t in times.items():
-            floor = times["compiled floor x*2" if name.startswith("compiled") else "floor x*2"]
-            rows.append({"shape": tuple(shape), "block": block, "name": name, "ms": t * 1e3, "ratio": t / floor})
-            kind = "compiled floor" if name.startswith("compiled") else "floor"
-            print_fn(f"  {name:<22} {t * 1e3:9.2f} ms  {t / floor:7.2f}x {kind}")
-        ours = times["ours per-channel"]
-        anchors = [n for n in ("timm per-channel", "torchvision") if n in times]
+        for name, (t, ratio) in timed.items():
+            rows.append({"shape": tuple(shape), "block": block, "name": name, "ms": t * 1e3, "ratio": ratio})
+            print_fn(f"  {name:<22} {t * 1e3:9.2f} ms  {ratio:7.2f}x {_floor_of(name).removesuffix(' x*2')}")
+        ours = timed["ours per-channel"][1]
+        anchors = [n for n in ("timm per-channel", "torchvision") if n in timed]
         if anchors:
-            speedups = ", ".join(f"{times[n] / ours:.1f}x vs {n}" for n in anchors)
+            speedups = ", ".join(f"{timed[n][1] / ours:.1f}x vs {n}" for n in anchors)
             print_fn(f"  ours per-channel is {speedups}")
     return rows
 

@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     op.add_argument("--block", type=_positive_int, default=7, help="block size with --shape (default 7)")
     op.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    op.add_argument("--fresh-heap", action="store_true", help=_FRESH_HEAP_HELP)
     op.set_defaults(func=_run_bench_op)
     inj = bench_sub.add_parser("inject", help="time plan() and inject() on fresh models")
     inj.add_argument(
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--compile", action="store_true", help="torch.compile every model (compiled in the warm-up)")
     step.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     step.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    step.add_argument("--fresh-heap", action="store_true", help=_FRESH_HEAP_HELP)
     step.set_defaults(func=_run_bench_step)
     viz = sub.add_parser("viz", help="sample masks per patched stage and the schedule, as a PNG")
     viz.add_argument("model", help="timm name, tv:<builder> or module:callable")
@@ -77,9 +79,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_FRESH_HEAP_HELP = "leave glibc's allocator as it is (default: keep freed memory, so page faults are not timed)"
+
+
+def _heap_for(args: argparse.Namespace) -> None:
+    from dropblock_inject.bench import steady_heap
+
+    note = "" if args.fresh_heap else steady_heap()
+    if note:
+        print(note)
+
+
 def _run_bench_step(args: argparse.Namespace) -> int:
     from dropblock_inject.bench import bench_step
 
+    _heap_for(args)
     bench_step(args.model, batch_size=args.batch_size, input_size=args.input_size, repeats=args.repeats,
                recipe=args.recipe, drop_prob=args.drop_prob, channels_last=args.channels_last, amp=args.amp,
                compiled=args.compile, memory=not args.no_memory, device=args.device)  # fmt: skip
@@ -129,6 +143,7 @@ def _run_bench_op(args: argparse.Namespace) -> int:
     if args.shape is not None and len(args.shape) not in (4, 5):
         raise SystemExit(f"bench op: --shape takes 4 or 5 sizes (N C H W or N C D H W), got {args.shape}")
     shapes = [(tuple(args.shape), args.block)] if args.shape else OP_SHAPES
+    _heap_for(args)
     bench_op(shapes, drop_prob=args.drop_prob, repeats=args.repeats, compiled=args.compile, device=args.device)
     return 0
 

@@ -15,9 +15,17 @@ import torch.nn.functional as F
 from conftest import drop_fraction
 from dropblock_inject import drop_block
 from dropblock_inject.op.functional import drop_block_traceable
-from dropblock_inject.op.geometry import block_geometry
+from dropblock_inject.op.geometry import block_geometry, max_seeds
+from dropblock_inject.op.layout import rescale
 from dropblock_inject.op.sampling import sample_seed_gaps
-from dropblock_inject.op.traceable import _dense_keep, _fits_row_words, keep_mask
+from dropblock_inject.op.traceable import (
+    _dense_keep,
+    _fits_row_words,
+    keep_mask,
+    lane_factor,
+    lane_group,
+    seed_rate_tensor,
+)
 
 
 def mean_fraction(shape, block, draws, **kw) -> float:
@@ -266,6 +274,49 @@ class TestTraceablePath:
         assert torch.equal(keep, ref_keep)
         assert int(dropped) == int(ref_dropped) == int((keep == 0).sum())
         assert 0 < int(dropped) < keep.numel()
+
+    @pytest.mark.parametrize(
+        ("spatial", "block", "region", "group"),
+        [
+            ((14, 14), (7, 7), "valid", 4),  # 4 rows = 7 vectors; a period is 2 planes
+            ((7, 7), (3, 3), "full", 8),  # 8 rows of 7, periods of 8 planes
+            ((28, 28), (7, 7), "valid", 2),
+            ((56, 56), (7, 7), "valid", 1),  # one row per chunk
+            ((10, 12), (3, 3), "full", 2),
+            ((9, 4), (2, 2), "valid", 2),  # an odd number of 4-wide rows: chunks span planes
+            ((6, 8, 10), (2, 3, 5), "valid", 4),  # 3-D: the outer dimension dilated first
+            ((2, 3, 16), (2, 2, 2), "full", 1),
+            ((4, 20, 12), (3, 3, 3), "valid", 2),  # a period of 80 rows: gathered, not unrolled
+        ],
+    )
+    def test_lane_chunks_give_exactly_the_dense_mask_rescaled(self, spatial, block, region, group) -> None:
+        geom = block_geometry(spatial, block, region)
+        pos = sample_seed_gaps(16 * math.prod(geom.seed_grid) // 4, 0.2, device=torch.device("cpu"))  # overlaps
+        keep, dropped = _dense_keep(pos, geom, 16)
+        assert lane_group(geom, 16) == group
+        factor = lane_factor(pos, geom, 16, group)
+        assert factor.numel() == keep.numel() and factor.dtype == torch.float32
+        assert torch.equal(factor.reshape(keep.shape), keep * rescale(keep.numel(), dropped))
+        assert 0 < int(dropped) < keep.numel()
+
+    @pytest.mark.parametrize(
+        ("spatial", "planes"),
+        [((13, 9), 16), ((9, 36), 16), ((14, 14), 3), ((9, 70), 16)],  # 72-bit chunks; rows not tiled; too wide
+    )
+    def test_lane_chunks_are_not_used_where_they_do_not_fit(self, spatial, planes) -> None:
+        assert lane_group(block_geometry(spatial, (3, 3)), planes) == 0
+
+    def test_contiguous_input_takes_the_lane_path_with_the_same_result(self) -> None:
+        x = torch.randn(4, 8, 14, 14)
+        geom = block_geometry((14, 14), (7, 7))
+        rate = torch.tensor(0.2)
+        torch.manual_seed(3)
+        out = drop_block_traceable(x, rate, geom, False, "paper", max_rate=0.2)
+        torch.manual_seed(3)
+        pos = sample_seed_gaps(max_seeds(32 * 64, geom.seed_rate(0.2, "paper")), seed_rate_tensor(geom, rate, "paper"),
+                               device=x.device)  # fmt: skip
+        keep, dropped = keep_mask(pos, geom, (4, 8))
+        assert torch.equal(out, x * (keep.view(4, 8, 14, 14) * rescale(keep.numel(), dropped)))
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
     def test_dtype_and_channels_last_are_kept(self, dtype) -> None:
