@@ -53,6 +53,40 @@ class TestBench:
         assert {"compiled per-channel", "compiled shared"} <= set(by_name)
         assert any("x compiled floor" in line for line in lines)
 
+    def test_time_paired_times_each_candidate_right_after_its_baseline(self, monkeypatch) -> None:
+        from dropblock_inject import bench
+
+        calls: list[str] = []
+        durations = {"floor": 2.0, "a": 3.0, "b": 5.0}
+        monkeypatch.setattr(bench, "_sample", lambda fn, number, device: fn())
+        fns = {name: (lambda name=name: calls.append(name) or durations[name]) for name in durations}
+        timed = bench.time_paired(fns, lambda name: "floor", repeats=2)
+        assert calls == ["floor", "floor", "a", "floor", "b"] * 2
+        assert timed == {"floor": (2.0, 1.0), "a": (3.0, 1.5), "b": (5.0, 2.5)}
+
+    def test_steady_heap_in_its_own_process(self) -> None:
+        code = "from dropblock_inject.bench import steady_heap; print(repr(steady_heap()))"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        import ctypes.util
+
+        if sys.platform.startswith("linux") and "libc.so" in (ctypes.util.find_library("c") or ""):
+            assert "heap: steady" in out
+        else:
+            assert out.strip() == "''"
+
+    @pytest.mark.parametrize("fresh", [False, True])
+    def test_bench_commands_keep_the_heap_steady_unless_asked(self, monkeypatch, fresh) -> None:
+        from dropblock_inject import bench
+
+        called: list[str] = []
+        monkeypatch.setattr(bench, "steady_heap", lambda: called.append("heap") or "heap: steady")
+        monkeypatch.setattr(bench, "bench_op", lambda *a, **kw: called.append("op"))
+        monkeypatch.setattr(bench, "bench_step", lambda *a, **kw: called.append("step"))
+        flag = ["--fresh-heap"] if fresh else []
+        assert main(["bench", "op", "--shape", "2", "8", "14", "14", *flag]) == 0
+        assert main(["bench", "step", "resnet18", *flag]) == 0
+        assert called == (["op", "step"] if fresh else ["heap", "op", "heap", "step"])
+
     def test_bench_op_shape_must_have_4_or_5_sizes(self) -> None:
         with pytest.raises(SystemExit, match="--shape takes 4 or 5 sizes"):
             main(["bench", "op", "--shape", "2", "8", "14"])

@@ -187,7 +187,7 @@ def _chunk_words(
     pos: torch.Tensor, geom: BlockGeometry, planes: int, step: int, group: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """int64 ``(T, Q)``: the dropped bits of rows ``t * group ... t * group + group - 1`` of period ``q``;
-    and their number, a 0-d int64 tensor (counted as each chunk is built, so nothing is reloaded).
+    and their number, a 0-d int64 tensor.
 
     A period is the ``rows * step`` rows of planes ``q * step ... q * step + step - 1``. Short
     periods are built one row at a time, each row the OR of the seed rows whose blocks cover it,
@@ -211,7 +211,8 @@ def _chunk_words(
             piece = _dilate_columns(_covered_row(words, geom, row, s), geom).to(torch.int64) << (j * width)
             word = piece if word is None else word | piece
         chunks.append(word)
-    return torch.stack(chunks), sum(_popcount(word).sum() for word in chunks)
+    stacked = torch.stack(chunks)
+    return stacked, _popcount(stacked).sum()
 
 
 def _covered_row(words: torch.Tensor, geom: BlockGeometry, row: int, s: int) -> torch.Tensor:
