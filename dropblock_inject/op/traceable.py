@@ -203,14 +203,18 @@ def _chunk_words(
         chunks = (pieces << (torch.arange(group, device=pos.device)[:, None] * width)).sum(1)  # disjoint: sum == OR
         return chunks, _popcount(chunks).sum()
     words = _dilated_rows(pos, geom, planes, step, dims=len(geom.spatial) - 2)  # all but the last row dimension
+    # blocks that start at their seed and stay inside the row (the valid region): spread the
+    # seed bits of the packed rows once, instead of row by row (no bit crosses into the next row)
+    packed = geom.block_start[-1] == 0 and geom.seed_grid[-1] + geom.block[-1] - 1 <= width
     chunks = []
     for t in range(period // group):
         word = None
         for j in range(group):
             s, row = divmod(t * group + j, rows)
-            piece = _dilate_columns(_covered_row(words, geom, row, s), geom).to(torch.int64) << (j * width)
+            piece = _covered_row(words, geom, row, s)
+            piece = (piece if packed else _dilate_columns(piece, geom)).to(torch.int64) << (j * width)
             word = piece if word is None else word | piece
-        chunks.append(word)
+        chunks.append(_spread(word, geom.block[-1]) if packed else word)
     stacked = torch.stack(chunks)
     return stacked, _popcount(stacked).sum()
 
@@ -346,13 +350,19 @@ def _dilate_columns(words: torch.Tensor, geom: BlockGeometry) -> torch.Tensor:
     k, start, width = geom.block[-1], geom.block_start[-1], geom.spatial[-1]
     if geom.seed_grid[-1] + k - 2 > 30:
         words = words.to(torch.int64)
+    words = _spread(words, k)
+    words = words << start if start >= 0 else words >> -start
+    return words & ((1 << width) - 1)
+
+
+def _spread(words: torch.Tensor, k: int) -> torch.Tensor:
+    """OR of ``words << s`` for ``0 <= s < k``, by doubling."""
     cover = 1
-    while cover < k:  # OR of shifts 0..k-1 by doubling
+    while cover < k:
         step = min(cover, k - cover)
         words = words | (words << step)
         cover += step
-    words = words << start if start >= 0 else words >> -start
-    return words & ((1 << width) - 1)
+    return words
 
 
 def _popcount(v: torch.Tensor) -> torch.Tensor:
