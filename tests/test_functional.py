@@ -14,10 +14,10 @@ import torch.nn.functional as F
 
 from conftest import drop_fraction
 from dropblock_inject import drop_block
-from dropblock_inject.op.functional import drop_block_traceable
+from dropblock_inject.op.functional import _count_dropped, _count_without_map, _new_dropped_map, drop_block_traceable
 from dropblock_inject.op.geometry import block_geometry, max_seeds
-from dropblock_inject.op.layout import rescale
-from dropblock_inject.op.sampling import sample_seed_gaps
+from dropblock_inject.op.layout import contiguous_strides, rescale
+from dropblock_inject.op.sampling import GEOMETRIC_MAX_DRAWS, block_rows, fill_rows, sample_seed_gaps, seed_positions
 from dropblock_inject.op.traceable import (
     _dense_keep,
     _fits_row_words,
@@ -214,12 +214,112 @@ class TestSeedSampler:
         chi2 = ((hist - expected) ** 2 / expected).sum().item()
         assert chi2 < 27.9  # 99.9 % quantile of chi-square with 9 degrees of freedom
 
+    @pytest.mark.parametrize("draws", [GEOMETRIC_MAX_DRAWS // 4, GEOMETRIC_MAX_DRAWS * 2])  # both samplers
+    def test_eager_seed_positions_are_binomial_uniform_sorted_and_in_range(self, draws) -> None:
+        n = draws * 10
+        gamma, bins, turns = 0.05, 10, 200
+        counts, hist = [], torch.zeros(bins)
+        for _ in range(turns):
+            pos = seed_positions(n, draws, gamma, device=torch.device("cpu"))
+            assert pos.dtype == torch.int64 and (pos[1:] > pos[:-1]).all()
+            assert pos.numel() == 0 or (pos[0] >= 0 and pos[-1] < n)
+            counts.append(float(pos.numel()))
+            hist += torch.histc(pos.double(), bins, 0, n)
+        mean, var = n * gamma, n * gamma * (1 - gamma)
+        assert sum(counts) / turns == pytest.approx(mean, abs=5 * math.sqrt(var / turns))
+        expected = hist.sum() / bins
+        assert ((hist - expected) ** 2 / expected).sum().item() < 27.9  # chi-square, 9 dof, 99.9 %
+
     def test_tensor_gamma_matches_float_gamma(self) -> None:
         g = torch.Generator().manual_seed(3)
         a = sample_seed_gaps(100, 0.01, device=torch.device("cpu"), generator=g)
         g.manual_seed(3)
         b = sample_seed_gaps(100, torch.tensor(0.01), device=torch.device("cpu"), generator=g)
         assert torch.equal(a, b)
+
+
+class TestEagerIndices:
+    """Block rows as storage indices, and the dropped count without a dense map."""
+
+    @staticmethod
+    def naive_rows(pos, geom, batch, strides) -> set[int]:
+        rows = set()
+        grid = (*batch, *geom.seed_grid)
+        for p in pos.tolist():
+            coords = []
+            for size in reversed(grid):
+                p, c = divmod(p, size)
+                coords.append(c)
+            n, c, *seed = coords[::-1]
+            base = n * strides[0] + (c * strides[1] if batch[1] > 1 else 0)
+            for offset in _block_row_offsets(geom.block[:-1]):
+                rows.add(base + sum((s + o) * st for s, o, st in zip(seed, (*offset, 0), strides[2:])))
+        return rows
+
+    @pytest.mark.parametrize(
+        ("shape", "block", "layout", "shared"),
+        [
+            ((3, 5, 9, 11), (3, 4), torch.contiguous_format, False),
+            ((3, 5, 9, 11), (3, 4), torch.channels_last, False),
+            ((3, 5, 9, 11), (3, 4), torch.contiguous_format, True),
+            ((2, 3, 5, 6, 7), (2, 3, 3), torch.contiguous_format, False),
+            ((2, 3, 5, 6, 7), (2, 3, 3), torch.channels_last_3d, False),
+        ],
+    )
+    def test_block_rows_are_the_seed_blocks_in_storage(self, shape, block, layout, shared) -> None:
+        x = torch.empty(shape).to(memory_format=layout)
+        geom = block_geometry(shape[2:], block)
+        batch = (shape[0], 1 if shared else shape[1])
+        pos = torch.randperm(batch[0] * batch[1] * math.prod(geom.seed_grid))[:40].sort().values
+        strides = contiguous_strides((shape[0], 1, *shape[2:])) if shared else x.stride()
+        rows, width = block_rows(pos, geom, batch, strides)
+        assert width == block[-1] and rows.shape == (40, math.prod(block[:-1]))
+        assert set(rows.reshape(-1).tolist()) == self.naive_rows(pos, geom, batch, strides)
+
+    @pytest.mark.parametrize(
+        ("shape", "block", "rate"),
+        [
+            ((4, 8, 14, 14), (7, 7), 0.3),  # many overlapping blocks
+            ((4, 8, 14, 14), (7, 7), 0.01),
+            ((4, 8, 11, 13), (3, 5), 0.4),
+            ((4, 8, 7, 7), (7, 7), 0.5),  # one seed position per plane
+            ((2, 4, 6, 7, 9), (2, 3, 4), 0.4),
+            ((4, 8, 14, 14), (7, 7), 0.0),  # no seed
+        ],
+    )
+    def test_count_without_a_map_equals_the_map(self, shape, block, rate) -> None:
+        x = torch.empty(shape)
+        geom = block_geometry(shape[2:], block)
+        batch, numel = shape[:2], x.numel()
+        gamma = geom.paper_gamma(rate)
+        num_pos = batch[0] * batch[1] * math.prod(geom.seed_grid)
+        for _ in range(20):
+            pos = seed_positions(num_pos, max_seeds(num_pos, gamma), gamma, device=x.device) if gamma else (
+                torch.zeros(0, dtype=torch.int64))  # fmt: skip
+            rows, width = block_rows(pos, geom, batch, x.stride())
+            dropped = _new_dropped_map(numel, x.device)
+            fill_rows(dropped, rows, width, 1, True)
+            assert _count_without_map(pos, rows, width, geom, x, numel * 128) == int(_count_dropped(dropped))
+
+    def test_count_without_a_map_declines_dense_rows_other_layouts_and_the_full_region(self) -> None:
+        x = torch.empty(4, 8, 14, 14)
+        geom = block_geometry((14, 14), (7, 7))
+        pos = torch.arange(0, 2048, 7)
+        rows, width = block_rows(pos, geom, (4, 8), x.stride())
+        assert _count_without_map(pos, rows, width, geom, x, x.numel()) is None  # rows too dense
+        cl = x.to(memory_format=torch.channels_last)
+        rows, width = block_rows(pos, geom, (4, 8), cl.stride())
+        assert _count_without_map(pos, rows, width, geom, cl, x.numel() * 128) is None
+        full = block_geometry((14, 14), (7, 7), "full")
+        rows, width = block_rows(pos, full, (4, 8), x.stride())
+        assert _count_without_map(pos, rows, width, full, x, x.numel() * 128) is None
+
+
+def _block_row_offsets(block: tuple[int, ...]) -> list[tuple[int, ...]]:
+    offsets: list[tuple[int, ...]] = [()]
+    for k in block:
+        offsets = [(*o, i) for o in offsets for i in range(k)]
+    return offsets
 
 
 class TestTraceablePath:
@@ -417,6 +517,16 @@ class TestAutograd:
         out.backward(g)
         factor = out.detach() / x.detach()
         assert torch.allclose(x.grad, g * factor, atol=1e-6)
+
+    @pytest.mark.parametrize("grad_layout", [torch.contiguous_format, torch.channels_last])
+    def test_gradient_in_another_layout_than_the_input(self, grad_layout) -> None:
+        # the saved block rows index the input's layout; a gradient in another one must still match
+        other = torch.channels_last if grad_layout == torch.contiguous_format else torch.contiguous_format
+        x = torch.randn(4, 16, 14, 14).to(memory_format=other).requires_grad_()
+        out = drop_block(x, 0.2, 5)
+        g = torch.randn(out.shape).to(memory_format=grad_layout)
+        out.backward(g)
+        assert torch.allclose(x.grad, g * (out.detach() / x.detach()), atol=1e-6)
 
     def test_gradient_of_the_dense_map_path(self) -> None:
         # dropout-like settings save the bool map instead of the seeds

@@ -2,10 +2,11 @@
 
 Two implementations draw seeds the same way (:mod:`dropblock_inject.op.sampling`):
 
-* eager (:class:`_DropBlockFunction`): the exact seeds, a dense ``bool`` map only to count the
-  dropped units, one dense multiply by the rescale factor, then the dropped units are zeroed in
-  place through their indices. Backward saves the seeds (or the ``bool`` map when that is
-  smaller), never a float tensor.
+* eager (:class:`_DropBlockFunction`): the exact seeds, their block rows as storage indices, the
+  dropped units counted (from the sorted rows, or a dense ``bool`` map when rows are many), one
+  dense multiply by the rescale factor, then the dropped units are zeroed in place through their
+  indices. Backward saves the block rows (or the ``bool`` map when that is smaller), at most one
+  byte per unit, never a float tensor.
 * traceable (:func:`~dropblock_inject.op.traceable.drop_block_traceable`, used under
   ``torch.compile``): fixed-size tensors only (no data-dependent shapes, no ``.item()``), one
   dense pass over the input, and a rate that may be a tensor, so a schedule never recompiles.
@@ -21,6 +22,7 @@ import torch
 from dropblock_inject.op.geometry import (
     GAMMA_MODES,
     SEED_REGIONS,
+    BlockGeometry,
     block_geometry,
     max_seeds,
 )
@@ -31,6 +33,7 @@ from dropblock_inject.op.traceable import drop_block_traceable
 __all__ = ["drop_block", "drop_block_traceable"]
 
 _COUNT_GROUP = 255 * 8  # bytes per group of _count_dropped
+_SORT_COUNT_DENSITY = 100  # _count_without_map sorts block rows only below one per this many units
 BlockSize = int | Sequence[int]
 
 
@@ -163,7 +166,7 @@ def _count_dropped(dropped: torch.Tensor) -> torch.Tensor:
 
 
 class _DropBlockFunction(torch.autograd.Function):
-    """Eager DropBlock with a lean backward (seeds or a bool map are all it saves)."""
+    """Eager DropBlock with a lean backward (block rows or a bool map are all it saves)."""
 
     @staticmethod
     def forward(ctx, x, rate, geom, shared, mode, generator, inplace):
@@ -176,20 +179,25 @@ class _DropBlockFunction(torch.autograd.Function):
         strides = shared_strides(x) if shared else x.stride()
         rows, width = block_rows(pos, geom, batch, strides)
         numel = batch[0] * batch[1] * math.prod(geom.spatial)
-        dropped = _new_dropped_map(numel, x.device)
-        fill_rows(dropped, rows, width, strides[-1], True)
-        save_seeds = not shared and pos.numel() * 8 <= numel
-        kept = numel - int(_count_dropped(dropped))
+        small_rows = not shared and rows.numel() * 8 <= numel  # then backward keeps the rows
+        dropped = _count_without_map(pos, rows, width, geom, x, numel) if small_rows else None
+        if dropped is None:
+            dropped_map = _new_dropped_map(numel, x.device)
+            fill_rows(dropped_map, rows, width, strides[-1], True)
+            dropped = int(_count_dropped(dropped_map))
+        kept = numel - dropped
         scale = numel / kept if kept else 0.0  # nothing kept: the output is all zeros
-        ctx.geom, ctx.batch, ctx.shared, ctx.scale = geom, batch, shared, scale
+        ctx.shared, ctx.scale, ctx.width = shared, scale, width
         if shared:
-            keep = _shared_keep(dropped[:numel], scale, x)
+            keep = _shared_keep(dropped_map[:numel], scale, x)
             out = x.mul_(keep) if inplace else x * keep
+            ctx.save_for_backward(dropped_map[:numel])
         else:
             out = x.mul_(scale) if inplace else x * scale
             fill_rows(storage_view(out), rows, width, strides[-1], 0)
             ctx.x_layout = (x.shape, x.stride())
-        ctx.save_for_backward(pos if save_seeds else dropped[:numel])
+            # at most one byte per unit either way: the block rows, else the dense bool map
+            ctx.save_for_backward(rows if small_rows else dropped_map[:numel])
         if inplace:
             ctx.mark_dirty(x)
         return out
@@ -199,15 +207,37 @@ class _DropBlockFunction(torch.autograd.Function):
         (saved,), scale = ctx.saved_tensors, ctx.scale
         if ctx.shared:
             return grad * _shared_keep(saved, scale, grad), None, None, None, None, None, None
-        grad = grad * scale
+        shape, stride = ctx.x_layout
         if saved.dtype == torch.bool:
-            grad.masked_fill_(saved.as_strided(*ctx.x_layout), 0)
-        else:
-            if not is_dense(grad):
-                grad = grad.contiguous()
-            rows, width = block_rows(saved, ctx.geom, ctx.batch, grad.stride())
-            fill_rows(storage_view(grad), rows, width, grad.stride()[-1], 0)
+            grad = (grad * scale).masked_fill_(saved.as_strided(shape, stride), 0)
+        else:  # block rows: storage indices in the input's layout, which the gradient takes
+            grad = torch.mul(grad, scale, out=grad.new_empty_strided(shape, stride))
+            fill_rows(storage_view(grad), saved, ctx.width, stride[-1], 0)
         return grad, None, None, None, None, None, None
+
+
+def _count_without_map(
+    pos: torch.Tensor, rows: torch.Tensor, width: int, geom: BlockGeometry, x: torch.Tensor, numel: int
+) -> int | None:
+    """The number of dropped units of per-channel blocks, where it is cheaper than a dense map.
+
+    * One seed position per plane (e.g. a 7x7 map with block 7): blocks never overlap.
+    * Few block rows in a contiguous input: the rows are then flat ``plane, row, column``
+      indices, and in the valid region a block row never reaches the next map row. Sorted, each
+      row adds ``min(width, gap to the next row)`` units, so overlaps count once.
+
+    Returns None where the dense ``bool`` map of :func:`_new_dropped_map` is the better count.
+    """
+    if geom.seed_region != "valid":
+        return None
+    if math.prod(geom.seed_grid) == 1:
+        return pos.numel() * math.prod(geom.block)
+    if not x.is_contiguous() or rows.numel() * _SORT_COUNT_DENSITY > numel:
+        return None
+    if rows.numel() == 0:
+        return 0
+    starts = torch.sort(rows.reshape(-1)).values
+    return int(starts.diff().clamp_(max=width).sum()) + width
 
 
 def _shared_keep(dropped: torch.Tensor, scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,8 @@ import torch
 
 from dropblock_inject.op.geometry import BlockGeometry, compile_safe_cache
 
+GEOMETRIC_MAX_DRAWS = 4096  # seed_positions: larger samples take the vectorised path
+
 
 def sample_seed_gaps(
     num_draws: int,
@@ -50,7 +52,19 @@ def seed_positions(
     device: torch.device,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """The seed positions (int64, sorted, all ``< num_positions``) of one eager call."""
+    """The seed positions (int64, sorted, all ``< num_positions``) of one eager call.
+
+    Up to :data:`GEOMETRIC_MAX_DRAWS` draws come from ``Tensor.geometric_`` (one serial kernel
+    that returns ``gap + 1`` directly, in float64 so that a zero uniform gives ``inf``, "no more
+    seeds"); larger samples take the vectorised :func:`sample_seed_gaps`. Both are exact. On a
+    busy training step every extra small kernel costs tens of microseconds of cold caches, so
+    the short path matters more than its hot-loop timing suggests.
+    """
+    if 0.0 < gamma < 1.0 and num_draws <= GEOMETRIC_MAX_DRAWS:
+        ends = torch.empty(num_draws, dtype=torch.float64, device=device)
+        ends = ends.geometric_(gamma, generator=generator).cumsum_(0)  # position + 1
+        count = int(torch.searchsorted(ends, float(num_positions), right=True))
+        return ends[:count].to(torch.int64).sub_(1)
     pos = sample_seed_gaps(num_draws, gamma, device=device, generator=generator)
     count = int(torch.searchsorted(pos, float(num_positions)))
     return pos[:count].to(torch.int64)
@@ -167,7 +181,7 @@ def _truncated_block_indices(
         shape = [-1] + [1] * ndim
         shape[1 + d] = k
         index = index + (span * stride).view(shape)
-    return index.reshape(base.shape[0], -1)
+    return index.reshape(base.shape[0], math.prod(geom.block))
 
 
 def _unravel(flat: torch.Tensor, shape: tuple[int, ...]) -> list[torch.Tensor]:
