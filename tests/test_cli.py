@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from dropblock_inject import __version__
+from dropblock_inject import __version__, drop_block
 from dropblock_inject.bench import bench_op
 from dropblock_inject.cli import main
 
@@ -120,6 +120,29 @@ class TestVizAndBenchStep:
         assert any("DropBlock ops (forward + backward)" in line for line in lines)
         assert any("x unpatched" in line for line in lines)
         assert any(line.strip().startswith("patched") and "MB" in line for line in lines)
+
+    def test_op_share_times_the_op_and_restores_it(self) -> None:
+        import torch
+
+        from dropblock_inject.bench import op_share
+        from dropblock_inject.op.functional import _DropBlockFunction
+
+        originals = (_DropBlockFunction.forward, _DropBlockFunction.backward)
+        x = torch.randn(8, 32, 14, 14, requires_grad=True)
+
+        def step() -> None:
+            torch.randn(256, 256) @ torch.randn(256, 256)  # time outside the op
+            drop_block(x, 0.1, 5).sum().backward()
+
+        assert 0.0 < op_share(step) < 1.0
+        assert (_DropBlockFunction.forward, _DropBlockFunction.backward) == originals
+
+        def failing() -> None:
+            raise RuntimeError("step failed")
+
+        with pytest.raises(RuntimeError, match="step failed"):
+            op_share(failing)
+        assert (_DropBlockFunction.forward, _DropBlockFunction.backward) == originals
 
     def test_bench_step_channels_last_and_autocast(self) -> None:
         from dropblock_inject.bench import bench_step

@@ -230,14 +230,19 @@ class MaskRecorder(Recorder):
     """Hashes the first non-empty mask of the model's last DropBlock."""
 
     mask_hash: str | None = None
+    _input: torch.Tensor | None = None
 
     def on_model(self, run: str, model: nn.Module) -> None:
         super().on_model(run, model)
         last = [m for m in model.modules() if isinstance(m, DropBlock)][-1]
+        last.register_forward_pre_hook(self._keep_input)  # injected DropBlocks work in place
         last.register_forward_hook(self._record)
 
+    def _keep_input(self, module: nn.Module, inputs: tuple) -> None:
+        self._input = inputs[0].detach().clone()
+
     def _record(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        dropped = (output == 0) & (inputs[0] != 0)
+        dropped = (output == 0) & (self._input != 0)
         if self.mask_hash is None and module.training and dropped.any():
             self.mask_hash = hashlib.sha1(dropped.numpy().tobytes()).hexdigest()
 

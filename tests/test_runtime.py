@@ -49,23 +49,49 @@ def train_step(model: nn.Module, x: torch.Tensor):
 
 
 class Call(NamedTuple):
-    input: torch.Tensor  # copies: the activation after a site may work in place
+    input: torch.Tensor  # a copy taken before the call: injected DropBlocks work in place
     output: torch.Tensor
     grad_fn: object
-    identity: bool  # the module returned its input object
+    identity: bool  # the module returned its input unchanged (the very object, values untouched)
     module: dbi.DropBlock
 
 
 def record_dropblocks(model: nn.Module) -> list[Call]:
     """Every call of an injected DropBlock on the following forwards."""
     seen: list[Call] = []
+    before: list[tuple[torch.Tensor, int]] = []
+
+    def pre_hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        before.append((args[0].detach().clone(), args[0]._version))
 
     def hook(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        seen.append(Call(args[0].detach().clone(), out.detach().clone(), out.grad_fn, out is args[0], module))
+        inp, version = before.pop()
+        identity = out is args[0] and out._version == version
+        seen.append(Call(inp, out.detach().clone(), out.grad_fn, identity, module))
 
     for m in injected_modules(model):
+        m.register_forward_pre_hook(pre_hook)
         m.register_forward_hook(hook)
     return seen
+
+
+class TestInPlaceSites:
+    @pytest.mark.parametrize(("name", "input_size", "batch"), MODELS[:3] + MODELS[4:])  # slot, hook, fused, 3-D
+    def test_in_place_sites_give_the_out_of_place_loss_and_gradients(self, name, input_size, batch) -> None:
+        _, patched = build(name, input_size)
+        modules = injected_modules(patched)
+        assert modules and all(m.inplace for m in modules)
+        x = torch.randn(batch, *input_size)
+        results = []
+        for inplace in (True, False):
+            for m in modules:
+                m.inplace = inplace
+            torch.manual_seed(5)
+            loss = train_step(patched, x)()
+            results.append((loss.item(), [p.grad.clone() for p in patched.parameters() if p.grad is not None]))
+        (loss_in, grads_in), (loss_out, grads_out) = results
+        assert loss_in == loss_out and len(grads_in) == len(grads_out)
+        assert all(torch.equal(a, b) for a, b in zip(grads_in, grads_out))
 
 
 class TestBackwardKeepsNoFloatTensor:

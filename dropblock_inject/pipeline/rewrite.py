@@ -58,9 +58,13 @@ def apply_plan(model: nn.Module, plan: Plan) -> list[DropBlock]:
 
 
 def _make_dropblock(site: Site, plan: Plan) -> DropBlock:
+    # In place: a site is the fresh output of a norm or convolution on its way to the activation
+    # (a hook's return value replaces it for every reader; a slot or fused ``drop`` is reassigned),
+    # and neither backward reads that output, so nothing sees the undropped values. It saves an
+    # activation-sized allocation per site.
     block = site.block_size if len(set(site.block_size)) > 1 else site.block_size[0]
     db = DropBlock(site.drop_prob, block, gamma_scale=site.gamma_scale, shared_channels=plan.shared_channels,
-                   gamma=plan.gamma)  # fmt: skip
+                   gamma=plan.gamma, inplace=True)  # fmt: skip
     db.injected = True
     return db
 
