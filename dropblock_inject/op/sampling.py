@@ -136,7 +136,7 @@ def _ravel_to_storage(pos: torch.Tensor, grid: tuple[int, ...], strides: tuple[i
     q = pos
     for j in range(1, len(sizes)):
         q = torch.div(q, sizes[j - 1], rounding_mode="floor")
-        base = base + q * (steps[j] - sizes[j - 1] * steps[j - 1])
+        base = base.add(q, alpha=steps[j] - sizes[j - 1] * steps[j - 1])  # one kernel, not two
     return base
 
 
