@@ -335,12 +335,13 @@ def op_share(step: Callable[[], object], repeats: int = 2) -> float:
     by wrapping its ``forward`` and ``backward`` for the duration (restored after), not by the
     profiler, whose own cost per kernel would inflate an op made of small kernels.
     """
+    from unittest import mock
+
     from dropblock_inject.op.functional import _DropBlockFunction
 
     spent = [0.0]
-    originals = {name: getattr(_DropBlockFunction, name) for name in ("forward", "backward")}
 
-    def timed(fn: Callable[..., object]) -> Callable[..., object]:
+    def timed(fn: Callable[..., object]) -> staticmethod:
         def call(*args: object) -> object:
             t0 = time.perf_counter()
             try:
@@ -350,16 +351,13 @@ def op_share(step: Callable[[], object], repeats: int = 2) -> float:
 
         return staticmethod(call)
 
-    try:
-        for name, fn in originals.items():
-            setattr(_DropBlockFunction, name, timed(fn))
+    with contextlib.ExitStack() as patches:  # restored on exit, also when the step fails
+        for name in ("forward", "backward"):
+            patches.enter_context(mock.patch.object(_DropBlockFunction, name, timed(getattr(_DropBlockFunction, name))))
         t0 = time.perf_counter()
         for _ in range(repeats):
             step()
         wall = time.perf_counter() - t0
-    finally:
-        for name, fn in originals.items():
-            setattr(_DropBlockFunction, name, staticmethod(fn))
     return spent[0] / wall
 
 
