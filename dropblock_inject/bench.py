@@ -8,6 +8,7 @@ before it in every turn: machine noise moves numerator and denominator together.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -15,7 +16,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 from dropblock_inject.errors import DropBlockInjectError
-from dropblock_inject.op.functional import drop_block
+from dropblock_inject.op.functional import _DropBlockFunction, drop_block
+from dropblock_inject.op.fused import fused_eligible
+from dropblock_inject.op.geometry import block_geometry
 
 __all__ = [
     "OP_SHAPES",
@@ -110,7 +113,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters
 
 def _sample(fn: Callable[[], object], number: int, device: torch.device | str) -> float:
     """Mean seconds of ``number`` calls after one untimed call (CUDA: synchronised)."""
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
+    sync = _synchronizer(device)
     fn()
     sync()
     t0 = time.perf_counter()
@@ -120,12 +123,20 @@ def _sample(fn: Callable[[], object], number: int, device: torch.device | str) -
     return (time.perf_counter() - t0) / number
 
 
+def _synchronizer(device: torch.device | str) -> Callable[[], None]:
+    """``torch.cuda.synchronize`` for a CUDA device, else a no-op."""
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
+
+
 def _op_candidates(x: torch.Tensor, block: int, p: float, compiled: bool) -> dict[str, Callable[[], object]]:
     fns: dict[str, Callable[[], object]] = {
         "floor x*2": lambda: x * 2.0,
         "ours per-channel": lambda: drop_block(x, p, block),
         "ours shared": lambda: drop_block(x, p, block, shared_channels=True),
     }
+    if fused_eligible(x, geom := block_geometry(tuple(x.shape[2:]), (block,) * (x.dim() - 2)), False):
+        # drop_block takes the fused Triton kernels here; the ATen path beside them for comparison
+        fns["ours per-channel, ATen"] = lambda: _DropBlockFunction.apply(x, p, geom, False, "paper", None, False)
     if compiled:
         fns.update(_compiled_candidates(x, block, p))
     try:
@@ -318,7 +329,7 @@ def bench_step(
             if key.startswith(phase):
                 print_fn(f"  {key:<28} {t * 1e3:9.1f} ms  {t / floor:6.3f}x unpatched")
     if not compiled:
-        share = op_share(fns["train patched"])
+        share = op_share(fns["train patched"], device=device)
         times["op share"] = share
         print_fn(f"  DropBlock ops (forward + backward) in a patched training step: {share * 100:.2f} %")
     if memory:
@@ -327,36 +338,43 @@ def bench_step(
     return times
 
 
-def op_share(step: Callable[[], object], repeats: int = 2) -> float:
+def op_share(step: Callable[[], object], repeats: int = 2, *, device: torch.device | str = "cpu") -> float:
     """Fraction of the wall time of ``repeats`` calls spent in the eager DropBlock op, forward and backward.
 
     Free of the run-to-run noise that step timings carry: the step overhead of the patched model
     is about this fraction (plus one hook call per site). The op's autograd Function is timed
-    by wrapping its ``forward`` and ``backward`` for the duration (restored after), not by the
-    profiler, whose own cost per kernel would inflate an op made of small kernels.
+    by wrapping the ``forward`` and ``backward`` of its autograd Functions (ATen and fused) for
+    the duration (restored after), not by the profiler, whose own cost per kernel would inflate
+    an op made of small kernels. On a CUDA ``device`` each call is timed between two device
+    synchronisations, so the share counts the op's kernels, not only their launch.
     """
     from unittest import mock
 
-    from dropblock_inject.op.functional import _DropBlockFunction
+    from dropblock_inject.op.fused import _FusedDropBlock
 
     spent = [0.0]
+    sync = _synchronizer(device)
 
     def timed(fn: Callable[..., object]) -> staticmethod:
         def call(*args: object) -> object:
+            sync()
             t0 = time.perf_counter()
             try:
                 return fn(*args)
             finally:
+                sync()
                 spent[0] += time.perf_counter() - t0
 
         return staticmethod(call)
 
     with contextlib.ExitStack() as patches:  # restored on exit, also when the step fails
-        for name in ("forward", "backward"):
-            patches.enter_context(mock.patch.object(_DropBlockFunction, name, timed(getattr(_DropBlockFunction, name))))
+        for fn, name in itertools.product((_DropBlockFunction, _FusedDropBlock), ("forward", "backward")):
+            patches.enter_context(mock.patch.object(fn, name, timed(getattr(fn, name))))
+        sync()
         t0 = time.perf_counter()
         for _ in range(repeats):
             step()
+        sync()
         wall = time.perf_counter() - t0
     return spent[0] / wall
 

@@ -94,7 +94,7 @@ class DropBlockSchedule:
 
     def rates(self) -> list[float]:
         """The drop rate each module applies now, in module order."""
-        return [m.target_rate * float(m.factor) for m in self.modules]
+        return [m.target_rate * m.factor_value for m in self.modules]
 
     def step(self) -> None:
         """Advance one optimizer step."""
@@ -130,7 +130,7 @@ class DropBlockSchedule:
         for m in self.modules:
             target = m.target_rate
             rate = self.start + (target - self.start) * progress
-            m.factor.fill_(rate / target if target > 0 else 0.0)
+            m.set_factor(rate / target if target > 0 else 0.0)
 
     def __repr__(self) -> str:
         kind = self.kind if isinstance(self.kind, str) else "callable"

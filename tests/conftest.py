@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 
 @pytest.fixture(autouse=True)
@@ -14,3 +15,15 @@ def _seed() -> None:
 def drop_fraction(out: torch.Tensor) -> float:
     """Fraction of exactly-zero units (inputs in the op tests are all non-zero)."""
     return (out == 0).float().mean().item()
+
+
+def is_union_of_blocks(dropped: torch.Tensor, block: tuple[int, ...]) -> bool:
+    """True when every dropped unit lies in a fully dropped block that fits in the map.
+
+    ``dropped``: ``(P, *spatial)`` float 0/1. A window is "full" when all its units are dropped
+    (a min-pool); dilating the full windows back must give the dropped map exactly.
+    """
+    pool = F.max_pool2d if dropped.dim() == 3 else F.max_pool3d
+    full = -pool(-dropped, block, stride=1)
+    pad = [p for k in reversed(block) for p in (k - 1, k - 1)]
+    return torch.equal(pool(F.pad(full, pad), block, stride=1), dropped)

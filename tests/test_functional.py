@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import drop_fraction
+from conftest import drop_fraction, is_union_of_blocks
 from dropblock_inject import drop_block
 from dropblock_inject.op.functional import _count_dropped, _count_without_map, _new_dropped_map, drop_block_traceable
 from dropblock_inject.op.geometry import block_geometry, max_seeds
@@ -31,18 +31,6 @@ from dropblock_inject.op.traceable import (
 def mean_fraction(shape, block, draws, **kw) -> float:
     x = torch.ones(shape)
     return sum(drop_fraction(drop_block(x, 0.1, block, **kw)) for _ in range(draws)) / draws
-
-
-def is_union_of_blocks(dropped: torch.Tensor, block: tuple[int, ...]) -> bool:
-    """True when every dropped unit lies in a fully dropped block that fits in the map.
-
-    ``dropped``: ``(P, *spatial)`` float 0/1. A window is "full" when all its units are dropped
-    (a min-pool); dilating the full windows back must give the dropped map exactly.
-    """
-    pool = F.max_pool2d if dropped.dim() == 3 else F.max_pool3d
-    full = -pool(-dropped, block, stride=1)
-    pad = [p for k in reversed(block) for p in (k - 1, k - 1)]
-    return torch.equal(pool(F.pad(full, pad), block, stride=1), dropped)
 
 
 def reference_drop_block(x: torch.Tensor, p: float, k: int) -> torch.Tensor:

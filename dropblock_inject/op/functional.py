@@ -1,6 +1,7 @@
 """The DropBlock op: ``drop_block(x, drop_prob, block_size)`` on 4-D and 5-D tensors.
 
-Two implementations draw seeds the same way (:mod:`dropblock_inject.op.sampling`):
+Two implementations draw seeds the same way (:mod:`dropblock_inject.op.sampling`), and CUDA has
+a third, fused one in Triton (:mod:`dropblock_inject.op.fused`, 4-D per-channel inputs):
 
 * eager (:class:`_DropBlockFunction`): the exact seeds, their block rows as storage indices, the
   dropped units counted (from the sorted rows, or a dense ``bool`` map when rows are many), one
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
+from dropblock_inject.op.fused import fused_drop_block, fused_eligible
 from dropblock_inject.op.geometry import (
     GAMMA_MODES,
     SEED_REGIONS,
@@ -99,7 +101,22 @@ def drop_block(
     geom = block_geometry(tuple(x.shape[2:]), block, seed_region)
     if torch.compiler.is_compiling():
         return drop_block_traceable(x, rate, geom, shared_channels, gamma, max_rate=rate, generator=generator)
-    return _DropBlockFunction.apply(x, rate, geom, shared_channels, gamma, generator, inplace)
+    return drop_block_eager(x, rate, geom, shared_channels, gamma, generator, inplace)
+
+
+def drop_block_eager(
+    x: torch.Tensor,
+    rate: float,
+    geom: BlockGeometry,
+    shared: bool,
+    mode: str,
+    generator: torch.Generator | None,
+    inplace: bool,
+) -> torch.Tensor:
+    """The eager op at drop ``rate``: the fused Triton kernels where they apply (CUDA), else ATen."""
+    if fused_eligible(x, geom, shared):
+        return fused_drop_block(x, geom.seed_rate(rate, mode), geom, generator, inplace)
+    return _DropBlockFunction.apply(x, rate, geom, shared, mode, generator, inplace)
 
 
 def validate_args(

@@ -9,7 +9,7 @@ from dropblock_inject.op.functional import (
     BlockSize,
     _as_block_tuple,
     _block_for,
-    _DropBlockFunction,
+    drop_block_eager,
     drop_block_traceable,
     validate_args,
 )
@@ -70,6 +70,21 @@ class DropBlock(nn.Module):
         self.seed_region = seed_region
         self.inplace = bool(inplace)
         self.register_buffer("factor", torch.ones((), dtype=torch.float32), persistent=False)
+        self._factor_host: tuple[torch.Tensor, int, float] | None = None
+
+    def set_factor(self, value: float) -> None:
+        """Set the schedule's ``factor`` (the buffer, and a host copy that spares a device sync per call)."""
+        self.factor.fill_(value)
+        self._factor_host = (self.factor, self.factor._version, float(value))
+
+    @property
+    def factor_value(self) -> float:
+        """``factor`` as a Python float; read from the device only when the buffer changed outside
+        :meth:`set_factor` (a CUDA buffer read would stall the stream at every call)."""
+        host = getattr(self, "_factor_host", None)  # absent in modules pickled before it existed
+        if host is None or host[0] is not self.factor or host[1] != self.factor._version:
+            host = self._factor_host = (self.factor, self.factor._version, float(self.factor))
+        return host[2]
 
     @property
     def target_rate(self) -> float:
@@ -85,10 +100,10 @@ class DropBlock(nn.Module):
         if torch.compiler.is_compiling():
             rate = self.factor * target
             return drop_block_traceable(x, rate, geom, self.shared_channels, self.gamma, max_rate=target)
-        rate = target * float(self.factor)
+        rate = target * self.factor_value
         if rate <= 0.0:
             return x
-        return _DropBlockFunction.apply(x, rate, geom, self.shared_channels, self.gamma, None, self.inplace)
+        return drop_block_eager(x, rate, geom, self.shared_channels, self.gamma, None, self.inplace)
 
     def extra_repr(self) -> str:
         text = f"drop_prob={self.drop_prob}, block_size={self.block_size}"

@@ -1,0 +1,103 @@
+"""The Triton kernels of :mod:`dropblock_inject.op.fused` (this module imports Triton).
+
+Upper-case arguments follow Triton's convention: sizes and tile shapes, all ``tl.constexpr``.
+"""
+
+# ruff: noqa: N803
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _bit_or(a, b):
+    return a | b
+
+
+@triton.jit
+def _popcount(v):
+    v = v - ((v >> 1) & 0x5555555555555555)
+    v = (v & 0x3333333333333333) + ((v >> 2) & 0x3333333333333333)
+    v = (v + (v >> 4)) & 0x0F0F0F0F0F0F0F0F
+    return (v * 0x0101010101010101) >> 56
+
+
+@triton.jit
+def _as_u64(words, WORD_BITS: tl.constexpr):
+    """Stored seed-row words (int8/16/32/64 bit patterns) as uint64, without sign extension."""
+    if WORD_BITS == 8:
+        words = words.to(tl.uint8, bitcast=True)
+    elif WORD_BITS == 16:
+        words = words.to(tl.uint16, bitcast=True)
+    elif WORD_BITS == 32:
+        words = words.to(tl.uint32, bitcast=True)
+    else:
+        words = words.to(tl.uint64, bitcast=True)
+    return words.to(tl.uint64)
+
+
+@triton.jit
+def _dropped_rows(words, i, h, KH: tl.constexpr, KW: tl.constexpr):
+    """Dropped columns of rows ``h`` as uint64 words, from the seed-row words ``(planes, i)``.
+
+    Each seed row's word is spread over the block's width (``w | w << 1 | ...``); row ``h`` is
+    the or of the spread words of seed rows ``h - KH < i <= h``.
+    """
+    spread = words
+    for t in tl.static_range(1, KW):
+        spread = spread | (words << t)
+    reach = (i[None, :] <= h[:, None]) & (i[None, :] > h[:, None] - KH)
+    return tl.reduce(tl.where(reach[None, :, :], spread[:, None, :], 0), 2, _bit_or)
+
+
+@triton.jit(do_not_specialize=["seed", "threshold"])
+def seed_kernel(words_ptr, count_ptr, seed, threshold, n_planes, H: tl.constexpr, SH: tl.constexpr,
+                SW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BP: tl.constexpr, H_P2: tl.constexpr,
+                SH_P2: tl.constexpr, SW_P4: tl.constexpr):  # fmt: skip
+    """Draw the seeds of ``BP`` planes, store one word per seed row, add the dropped units to the count.
+
+    One Philox call gives the 32-bit draws of 4 neighbouring positions; a position is a seed
+    when its draw is below ``threshold = round(gamma * 2**32)``.
+    """
+    planes = tl.program_id(0) * BP + tl.arange(0, BP)
+    i = tl.arange(0, SH_P2)
+    q = tl.arange(0, SW_P4)
+    live = (planes < n_planes)[:, None, None] & (i < SH)[None, :, None]
+    call = (planes[:, None, None] * SH + i[None, :, None]) * SW_P4 + q[None, None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, call)
+    col = 4 * q[None, None, :]
+    nib = ((r0.to(tl.uint32, bitcast=True).to(tl.int64) < threshold) & live & (col < SW)).to(tl.uint64)
+    nib |= ((r1.to(tl.uint32, bitcast=True).to(tl.int64) < threshold) & live & (col + 1 < SW)).to(tl.uint64) << 1
+    nib |= ((r2.to(tl.uint32, bitcast=True).to(tl.int64) < threshold) & live & (col + 2 < SW)).to(tl.uint64) << 2
+    nib |= ((r3.to(tl.uint32, bitcast=True).to(tl.int64) < threshold) & live & (col + 3 < SW)).to(tl.uint64) << 3
+    words = tl.sum(nib << col.to(tl.uint64), axis=2)  # distinct bits: the sum is an or
+    store = (planes < n_planes)[:, None] & (i < SH)[None, :]
+    tl.store(words_ptr + planes[:, None] * SH + i[None, :], words.to(words_ptr.dtype.element_ty), mask=store)
+    h = tl.arange(0, H_P2)
+    rows = tl.where((h < H)[None, :], _dropped_rows(words, i, h, KH, KW), 0)
+    tl.atomic_add(count_ptr, tl.sum(tl.sum(_popcount(rows), axis=1), axis=0).to(tl.int64))
+
+
+@triton.jit
+def apply_kernel(src_ptr, out_ptr, words_ptr, count_ptr, numel, n_planes, s_n, s_c, s_h, s_w, C: tl.constexpr,
+                 H: tl.constexpr, W: tl.constexpr, SH: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                 WORD_BITS: tl.constexpr, BP: tl.constexpr, BH: tl.constexpr, BI: tl.constexpr,
+                 W_P2: tl.constexpr):  # fmt: skip
+    """``out = src * keep * numel / kept`` on a tile of ``BP`` planes by ``BH`` rows."""
+    planes = tl.program_id(0) * BP + tl.arange(0, BP)
+    h0 = tl.program_id(1) * BH
+    h = h0 + tl.arange(0, BH)
+    i = tl.maximum(h0 - (KH - 1), 0) + tl.arange(0, BI)  # the seed rows that reach these rows
+    load = (planes < n_planes)[:, None] & (i < SH)[None, :]
+    words = _as_u64(tl.load(words_ptr + planes[:, None] * SH + i[None, :], mask=load, other=0), WORD_BITS)
+    rows = _dropped_rows(words, i, h, KH, KW)
+    w = tl.arange(0, W_P2)
+    dropped = ((rows[:, :, None] >> w[None, None, :].to(tl.uint64)) & 1) != 0
+    base = (planes // C).to(tl.int64) * s_n + (planes % C).to(tl.int64) * s_c
+    offs = base[:, None, None] + (h * s_h)[None, :, None] + (w * s_w)[None, None, :]
+    mask = (planes < n_planes)[:, None, None] & (h < H)[None, :, None] & (w < W)[None, None, :]
+    kept = numel - tl.load(count_ptr)
+    scale = tl.where(kept > 0, tl.cast(numel, tl.float64) / tl.maximum(kept, 1).to(tl.float64), 0.0).to(tl.float32)
+    x = tl.load(src_ptr + offs, mask=mask)
+    y = tl.where(dropped, 0.0, x.to(tl.float32) * scale)
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,189 @@
+"""A fused DropBlock for CUDA in Triton: two launches per call, no host sync.
+
+Used by the eager op for 4-D per-channel inputs on a CUDA device when Triton is installed (it
+ships with PyTorch's CUDA wheels):
+
+* ``seed_kernel`` draws a tile of planes' seeds with Philox (``tl.randint4x``, keyed by one
+  integer seed per call and the seed position), stores one word per seed row (the seed bits of
+  that row: 1 byte for up to 8 seed columns), turns each output row's dropped columns into a
+  64-bit word (the seed-row words spread over the block's width, or-ed over its height) and adds
+  their popcounts to the call's dropped count.
+* ``apply_kernel`` rebuilds the row words from the seed-row words and writes
+  ``x * keep * numel / kept`` in one pass over ``x``. Backward is the same kernel on the
+  gradient: it keeps the seed-row words (one bit per seed position) and the count.
+
+A plane's rows must fit one word and its rows one tile (``H, W <= 64``); other inputs take the
+ATen path of :mod:`dropblock_inject.op.functional`. ``DROPBLOCK_INJECT_FUSED=0`` turns this off.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+
+from dropblock_inject.op.geometry import BlockGeometry
+from dropblock_inject.op.layout import is_dense
+
+WORD_BITS = 64
+TILE_UNITS = 2048  # units of the input per program of the apply kernel
+APPLY_WARPS = 4
+SEED_TILE = 4096  # (plane, row, seed row) triples per program of the seed kernel
+DIRECT_LAUNCH = True  # launch a compiled kernel directly after its first launch (see _Launch)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_POSITIONS = 2**30  # seed positions per call (Philox offsets are 32-bit)
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when Triton imports and ``DROPBLOCK_INJECT_FUSED`` is not ``0``."""
+    if os.environ.get("DROPBLOCK_INJECT_FUSED", "1") == "0":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def fused_eligible(x: torch.Tensor, geom: BlockGeometry, shared: bool, *, device_type: str = "cuda") -> bool:
+    """Whether :func:`fused_drop_block` handles ``x``: 4-D, per-channel, valid region, ``H, W <= 64``."""
+    return (
+        x.device.type == device_type
+        and x.dim() == 4
+        and not shared
+        and geom.seed_region == "valid"
+        and x.dtype in _DTYPES
+        and x.shape[-1] <= WORD_BITS
+        and x.shape[-2] <= WORD_BITS
+        and x.numel() > 0
+        and is_dense(x)
+        and x.shape[0] * x.shape[1] * math.prod(geom.seed_grid) < _MAX_POSITIONS
+        and triton_available()
+    )
+
+
+def fused_drop_block(
+    x: torch.Tensor,
+    gamma: float,
+    geom: BlockGeometry,
+    generator: torch.Generator | None = None,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """Per-channel DropBlock of a dense 4-D tensor with seed rate ``gamma``, in two Triton launches.
+
+    Args:
+        x: ``(N, C, H, W)``, contiguous or channels_last, ``W <= 64`` (see :func:`fused_eligible`).
+        gamma: Seed rate on the valid region.
+        geom: The block geometry of ``x``'s spatial size.
+        generator: Draws the call's Philox seed (on its device; the default CPU generator if None).
+        inplace: Write the result into ``x``.
+
+    Returns:
+        ``x * keep * numel / kept`` in ``x``'s dtype and memory format.
+    """
+    return _FusedDropBlock.apply(x, gamma, geom, generator, inplace)
+
+
+class _FusedDropBlock(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gamma, geom, generator, inplace):
+        launch = _launch_for(tuple(x.shape), geom)
+        words, count = launch.draw(gamma, _draw_seed(generator), x.device)
+        out = x if inplace else torch.empty_like(x)
+        launch.apply(x, out, words, count)
+        ctx.launch = launch
+        ctx.save_for_backward(words, count)
+        if inplace:
+            ctx.mark_dirty(x)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        words, count = ctx.saved_tensors
+        if not is_dense(grad):
+            grad = grad.contiguous()
+        out = torch.empty_like(grad)
+        ctx.launch.apply(grad, out, words, count)
+        return out, None, None, None, None
+
+
+def _draw_seed(generator: torch.Generator | None) -> int:
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device))
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+_WORD_DTYPES = {8: torch.uint8, 16: torch.int16, 32: torch.int32, 64: torch.int64}
+
+
+@functools.lru_cache(maxsize=256)
+def _launch_for(shape: tuple[int, ...], geom: BlockGeometry) -> _Launch:
+    return _Launch(shape, geom)
+
+
+class _Launch:
+    """The tiling and constants of one input shape, shared by its seed, apply and backward launches.
+
+    Triton's ``kernel[grid](...)`` works out the specialisation of every argument at each call,
+    which costs more CPU time than the kernels take on the GPU at these sizes. After the first
+    launch for a key (the shape, here, plus strides, dtype and device) the compiled kernel is
+    launched directly. The key fixes every argument Triton specialises on, except the pointers,
+    which must then be 16-byte aligned (fresh allocations are), and the seed and threshold,
+    which are never specialised (``do_not_specialize``).
+    """
+
+    def __init__(self, shape: tuple[int, ...], geom: BlockGeometry) -> None:
+        n, c, h, w = shape
+        (sh, sw), (kh, kw) = geom.seed_grid, geom.block
+        self.n_planes, self.numel = n * c, math.prod(shape)
+        self.word_dtype = _WORD_DTYPES[next(bits for bits in _WORD_DTYPES if bits >= sw)]
+        h_p2, sh_p2 = _pow2(h), _pow2(sh)
+        seed_bp = max(1, SEED_TILE // (h_p2 * sh_p2))
+        self.seed_grid = (-(-self.n_planes // seed_bp), 1, 1)  # 3-D: a compiled kernel reads all three
+        self.seed_consts = dict(H=h, SH=sh, SW=sw, KH=kh, KW=kw, BP=seed_bp, H_P2=h_p2, SH_P2=sh_p2,
+                                SW_P4=_pow2(-(-sw // 4)))  # fmt: skip
+        w_p2 = _pow2(w)
+        bh = min(h_p2, max(1, TILE_UNITS // w_p2))
+        bp = max(1, TILE_UNITS // (bh * w_p2))
+        self.apply_grid = (-(-self.n_planes // bp), -(-h // bh), 1)
+        self.apply_consts = dict(C=c, H=h, W=w, SH=sh, KH=kh, KW=kw, WORD_BITS=self.word_dtype.itemsize * 8, BP=bp,
+                                 BH=bh, BI=_pow2(min(bh + kh - 1, sh)), W_P2=w_p2)  # fmt: skip
+        self.apply_warps = APPLY_WARPS
+        self._compiled: dict[tuple, object] = {}
+
+    def draw(self, gamma: float, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The seed-row words ``(planes, SH)`` and the dropped count (1-element int64)."""
+        words = torch.empty(self.n_planes * self.seed_consts["SH"], dtype=self.word_dtype, device=device)
+        count = torch.zeros(1, dtype=torch.int64, device=device)
+        threshold = round(min(max(gamma, 0.0), 1.0) * 2**32)
+        args = (words, count, seed, threshold, self.n_planes)
+        self._launch("seed_kernel", self.seed_grid, ("seed", device.index), args, self.seed_consts, {})
+        return words, count
+
+    def apply(self, src: torch.Tensor, out: torch.Tensor, words: torch.Tensor, count: torch.Tensor) -> None:
+        """``out = src * keep * numel / kept`` (``out`` may be ``src``)."""
+        aligned = src.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0
+        key = ("apply", src.device.index, src.dtype, src.stride()) if aligned else None
+        args = (src, out, words, count, self.numel, self.n_planes, *src.stride())
+        self._launch("apply_kernel", self.apply_grid, key, args, self.apply_consts, {"num_warps": self.apply_warps})
+
+    def _launch(self, name: str, grid: tuple[int, ...], key: tuple | None, args: tuple, consts: dict, options: dict):
+        compiled = self._compiled.get(key) if key is not None else None
+        if compiled is not None:
+            compiled[grid](*args, *consts.values())
+            return
+        result = getattr(_kernels(), name)[grid](*args, **consts, **options)
+        if key is not None and DIRECT_LAUNCH and hasattr(result, "launch_metadata"):  # not the interpreter's
+            self._compiled[key] = result
+
+
+def _kernels():
+    from dropblock_inject.op import _fused_kernels  # imports Triton: only where fused_eligible held
+
+    return _fused_kernels

@@ -1,0 +1,190 @@
+"""The fused Triton DropBlock (``op/fused.py``): on CUDA where one exists, else in Triton's interpreter.
+
+Without a GPU, ``test_kernels_under_the_interpreter`` runs ``TestFusedKernels`` again in a
+subprocess with ``TRITON_INTERPRET=1``, which runs the same kernels on CPU tensors (slowly, so
+the shapes are small). The GPU-only checks (no host sync, statistics at scale, dispatch) skip
+on CPU with the reason stated.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dropblock_inject as dbi
+from conftest import is_union_of_blocks
+from dropblock_inject.op import fused
+from dropblock_inject.op.fused import _FusedDropBlock, fused_drop_block, fused_eligible, triton_available
+from dropblock_inject.op.geometry import block_geometry
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+NO_GPU = "no CUDA device: the GPU checks run where the device tool lends one (.ci/gpu-check)"
+
+# (shape, block, gamma, channels_last, dtype)
+CASES = [
+    ((4, 16, 14, 14), 7, 0.01, False, torch.float32),
+    ((4, 16, 14, 14), 7, 0.01, True, torch.float32),
+    ((2, 8, 7, 7), 3, 0.05, False, torch.float16),
+    ((2, 8, 7, 7), 3, 0.05, True, torch.bfloat16),
+    ((3, 5, 20, 64), 5, 0.02, False, torch.float32),  # a full 64-bit row word
+    ((3, 5, 13, 9), 4, 0.2, False, torch.float32),  # odd sizes, an even block, heavy overlap
+    ((3, 5, 13, 9), 1, 0.2, False, torch.float32),  # block 1: dropout
+    ((1, 3, 64, 64), (9, 2), 0.02, False, torch.float32),  # rectangular block, two row tiles
+]
+
+
+@pytest.fixture
+def device() -> str:
+    if HAS_CUDA:
+        return "cuda"
+    if INTERPRETED and triton_available():
+        return "cpu"
+    pytest.skip("needs CUDA, or TRITON_INTERPRET=1 (test_kernels_under_the_interpreter runs that)")
+
+
+def case_input(shape, block, gamma, channels_last, dtype, device):
+    """The input and geometry of a case."""
+    x = torch.randn(shape, device=device).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    return x, block_geometry(shape[2:], (block, block) if isinstance(block, int) else block)
+
+
+def assert_drop_block(x: torch.Tensor, y: torch.Tensor, block: tuple[int, int]) -> None:
+    """``y`` zeroes a union of whole valid-region blocks and rescales the rest by ``numel / kept``."""
+    dropped = (y == 0) & (x != 0)
+    assert is_union_of_blocks(dropped.flatten(0, 1).float(), block)
+    kept = dropped.numel() - int(dropped.sum())
+    ref = torch.where(dropped, 0.0, x.float() * (dropped.numel() / kept)).to(x.dtype)
+    # Triton's interpreter truncates float32 to bfloat16 (the GPU rounds to nearest): one ulp there
+    ulp = 2.0**-7 if INTERPRETED and x.dtype == torch.bfloat16 else 0.0
+    torch.testing.assert_close(y, ref, rtol=ulp, atol=0.0)
+    assert y.dtype == x.dtype and y.stride() == x.stride()
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-{'cl' if c[3] else 'c'}-{c[4]}".replace(" ", ""))
+class TestFusedKernels:
+    def test_output_is_blocks_and_rescale(self, case, device) -> None:
+        x, geom = case_input(*case, device)
+        assert_drop_block(x, fused_drop_block(x, case[2], geom), geom.block)
+
+    def test_backward_is_the_same_mask_and_scale(self, case, device) -> None:
+        x, geom = case_input(*case, device)
+        x.requires_grad_()
+        y = fused_drop_block(x, case[2], geom)
+        dtype = x.dtype
+        grad = torch.randn_like(y)
+        y.backward(grad)
+        factor = torch.where(y == 0, 0.0, y.float() / x.detach().float())
+        scale = factor.max().item()
+        expect = torch.where(y == 0, 0.0, grad.float() * scale).to(dtype)
+        torch.testing.assert_close(x.grad, expect, rtol=2.0**-7 if dtype != torch.float32 else 1e-6, atol=0.0)
+
+    def test_inplace_writes_the_input(self, case, device) -> None:
+        x, geom = case_input(*case, device)
+        ref = fused_drop_block(x, case[2], geom, generator=torch.Generator().manual_seed(3))
+        buf = x.clone()
+        out = fused_drop_block(buf, case[2], geom, generator=torch.Generator().manual_seed(3), inplace=True)
+        assert out is buf and torch.equal(out, ref)
+
+
+class TestFusedSeeds:
+    def test_seeds_are_bernoulli_in_every_column(self, device) -> None:
+        # block 1: every seed drops one unit; 4 columns share a Philox call, so check each column
+        x = torch.ones(4, 64, 16, 16, device=device)
+        dropped = (fused_drop_block(x, 0.2, block_geometry((16, 16), (1, 1))) == 0).float()
+        assert dropped.mean().item() == pytest.approx(0.2, abs=0.008)  # 5 sd of 65k draws
+        per_column = dropped.mean((0, 1, 2))
+        assert per_column.sub(0.2).abs().max().item() < 0.032  # 5 sd of 4096 draws
+        assert dropped.mean((0, 2, 3)).std().item() < 0.05  # channels alike (sd of 1024 draws: 0.0125)
+
+    def test_a_generator_makes_it_reproducible(self, device) -> None:
+        x = torch.randn(2, 16, 14, 14, device=device)
+        geom = block_geometry((14, 14), (7, 7))
+        a, b = (fused_drop_block(x, 0.02, geom, generator=torch.Generator().manual_seed(7)) for _ in range(2))
+        c = fused_drop_block(x, 0.02, geom, generator=torch.Generator().manual_seed(8))
+        assert torch.equal(a, b) and not torch.equal(a, c)
+
+    def test_inplace_marks_the_input_dirty(self, device) -> None:
+        leaf = torch.randn(2, 4, 7, 7, device=device, requires_grad=True)
+        x = leaf * 1.0
+        y = fused_drop_block(x, 0.2, block_geometry((7, 7), (3, 3)), inplace=True)
+        assert y is x and x._version > 0
+        y.sum().backward()
+        assert torch.equal(leaf.grad == 0, y.detach() == 0)
+
+
+def test_eligibility() -> None:
+    geom = block_geometry((14, 14), (7, 7))
+    x = torch.randn(2, 4, 14, 14)
+    assert fused_eligible(x, geom, False, device_type="cpu") == triton_available()
+    assert not fused_eligible(x, geom, False)  # a CPU tensor never takes the CUDA path
+    assert not fused_eligible(x, geom, True, device_type="cpu")  # shared masks: ATen
+    assert not fused_eligible(x, block_geometry((14, 14), (7, 7), "full"), False, device_type="cpu")
+    assert not fused_eligible(torch.randn(2, 4, 8, 65), block_geometry((8, 65), (3, 3)), False, device_type="cpu")
+    assert not fused_eligible(torch.randn(2, 4, 65, 8), block_geometry((65, 8), (3, 3)), False, device_type="cpu")
+    assert not fused_eligible(x[..., ::2], block_geometry((14, 7), (7, 7)), False, device_type="cpu")
+    x3 = torch.randn(2, 4, 3, 8, 8)
+    assert not fused_eligible(x3, block_geometry((3, 8, 8), (1, 3, 3)), False, device_type="cpu")
+
+
+@pytest.mark.skipif(
+    HAS_CUDA or INTERPRETED or not triton_available(), reason="CUDA, or an outer TRITON_INTERPRET=1 run, runs them"
+)
+def test_kernels_under_the_interpreter() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    tests = Path(__file__).resolve().parent
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", str(tests / "test_fused.py")]
+    cmd += ["-k", "TestFusedKernels or TestFusedSeeds"]
+    done = subprocess.run(cmd, env=env, cwd=tests.parent, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1]
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_GPU)
+class TestFusedOnCuda:
+    def test_drop_rate_matches_expected_at_scale(self) -> None:
+        geom = block_geometry((14, 14), (7, 7))
+        x = torch.ones(64, 1024, 14, 14, device="cuda")
+        gamma = geom.calibrated_gamma(0.1)
+        fractions = [(fused_drop_block(x, gamma, geom) == 0).float().mean().item() for _ in range(8)]
+        # 65k planes per call: the standard deviation of the fraction is about 0.0007
+        assert sum(fractions) / len(fractions) == pytest.approx(0.1, abs=0.002)
+
+    def test_direct_launch_matches_triton_dispatch(self, monkeypatch) -> None:
+        x = torch.randn(8, 64, 14, 14, device="cuda")
+        geom = block_geometry((14, 14), (7, 7))
+        outs = []
+        for direct in (False, True):
+            monkeypatch.setattr(fused, "DIRECT_LAUNCH", direct)
+            fused._launch_for.cache_clear()
+            gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+            outs.append([fused_drop_block(x, 0.02, geom, generator=g) for g in gens])
+        assert all(torch.equal(a, b) for a, b in zip(*outs))
+        assert fused._launch_for(tuple(x.shape), geom)._compiled  # the later calls took the compiled kernels
+
+    def test_no_host_sync(self) -> None:
+        x = torch.randn(8, 64, 28, 28, device="cuda", requires_grad=True)
+        m = dbi.DropBlock(0.1, 7).cuda().train()
+        m(x).sum().backward()  # compile the kernels before the check
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            m(x).sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    def test_drop_block_dispatches_to_the_fused_kernels(self) -> None:
+        x = torch.randn(4, 32, 14, 14, device="cuda", requires_grad=True)
+        y = dbi.drop_block(x, 0.1, 7)
+        assert y.grad_fn.__class__.__name__ == _FusedDropBlock.__name__ + "Backward"
+        words, count = y.grad_fn.saved_tensors  # one byte per seed row (8 seed columns) and the count
+        assert words.dtype == torch.uint8 and words.numel() == 4 * 32 * 8 and count.numel() == 1
+        x = torch.randn(4, 32, 14, 14, device="cuda", requires_grad=True)
+        out = dbi.drop_block(x, 0.1, 7, shared_channels=True)
+        assert "Fused" not in out.grad_fn.__class__.__name__
