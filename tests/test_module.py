@@ -45,6 +45,22 @@ class TestDropBlockModule:
         assert full == pytest.approx(0.2, rel=0.05)
         assert half == pytest.approx(0.1, rel=0.05)
 
+    def test_set_factor_keeps_a_host_copy_that_follows_the_buffer(self, monkeypatch) -> None:
+        m = DropBlock(0.2, 5)
+        m.set_factor(0.25)
+        assert m.factor.item() == 0.25
+        reads = []
+        monkeypatch.setattr(torch.Tensor, "__float__", lambda t: reads.append(t) or t.item())
+        assert m.factor_value == 0.25 and not reads  # the host copy: no device read
+        m.factor.fill_(0.5)  # changed in place elsewhere: read back once
+        assert m.factor_value == 0.5 and m.factor_value == 0.5 and len(reads) == 1
+        clone = copy.deepcopy(m)
+        clone.factor.fill_(0.75)
+        assert clone.factor_value == 0.75 and m.factor_value == 0.5
+        moved = m.to(torch.float64)  # a new buffer tensor
+        moved.factor.fill_(0.125)
+        assert moved.factor_value == 0.125
+
     def test_validates_its_settings(self) -> None:
         with pytest.raises(ValueError, match="drop_prob"):
             DropBlock(1.5, 3)

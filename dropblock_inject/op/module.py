@@ -24,7 +24,9 @@ class DropBlock(nn.Module):
     ``drop_prob`` is the target rate. A schedule (:class:`~dropblock_inject.DropBlockSchedule`)
     ramps it through ``factor``, a non-persistent 0-d buffer: the module drops
     ``drop_prob * gamma_scale * factor``. Changing ``factor`` adds no ``state_dict`` key and does
-    not make a compiled model recompile.
+    not make a compiled model recompile. :meth:`set_factor` (what the schedule calls) also keeps
+    a host copy, so an eager call on a CUDA model never waits to read the buffer; a buffer
+    changed in place otherwise is read back once, at the next call.
 
     Args:
         drop_prob: Target fraction of dropped units, in ``[0, 1]``.
@@ -76,6 +78,11 @@ class DropBlock(nn.Module):
         """Set the schedule's ``factor`` (the buffer, and a host copy that spares a device sync per call)."""
         self.factor.fill_(value)
         self._factor_host = (self.factor, self.factor._version, float(value))
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_factor_host"] = None  # a copy's buffer starts its own version count
+        return state
 
     @property
     def factor_value(self) -> float:

@@ -1,0 +1,155 @@
+"""The fused op on a CUDA GPU: loop and CUDA-graph times against ``x * 2``, launch paths, kernel profile.
+
+Run by ``.ci/gpu-check`` (``python .ci/gpu_sweep.py`` with the repository on ``PYTHONPATH``).
+"loop" times back-to-back calls with CUDA events, so a CPU-bound op shows its launch cost;
+"graph" replays a captured CUDA graph of 10 calls, the GPU's time alone; "cpu" is the host
+time per call before the device catches up.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from dropblock_inject.op import fused
+from dropblock_inject.op.functional import _DropBlockFunction
+from dropblock_inject.op.geometry import block_geometry
+
+
+def loop_time(fn: Callable[[], object], n: int = 50, reps: int = 7) -> float:
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / n * 1e3)
+    return statistics.median(times)
+
+
+def graph_time(fn: Callable[[], object], per: int = 10, reps: int = 15) -> float:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(per):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / per * 1e3)
+    return statistics.median(times)
+
+
+def cpu_time(fn: Callable[[], object], n: int = 200) -> float:
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
+
+
+def case(shape, block, p=0.1, channels_last=False, dtype=torch.float32, others=False) -> None:
+    x = torch.randn(shape, device="cuda", dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    geom = block_geometry(shape[2:], (block, block))
+    gamma = geom.paper_gamma(p)
+    fns = {
+        "x*2": lambda: x * 2.0,
+        "fused": lambda: fused.fused_drop_block(x, gamma, geom),
+        "aten": lambda: _DropBlockFunction.apply(x, p, geom, False, "paper", None, False),
+    }
+    if others:
+        from timm.layers import drop_block_2d
+        from torchvision.ops import drop_block2d
+
+        fns["timm per-ch"] = lambda: drop_block_2d(x, p, block, couple_channels=False)
+        fns["torchvision"] = lambda: drop_block2d(x, p, block)
+    tag = f"{shape}/{block} {'cl' if channels_last else 'c'} {str(dtype)[6:]}"
+    base = None
+    for name, fn in fns.items():
+        loop, cpu = loop_time(fn), cpu_time(fn)
+        graph = graph_time(fn) if name in ("x*2", "fused") else float("nan")
+        base = base or (loop, graph)
+        print(f"{tag:34s} {name:12s} loop {loop:8.1f} us {loop / base[0]:6.2f}x | "
+              f"graph {graph:7.1f} us {graph / base[1]:5.2f}x | cpu {cpu:7.1f} us", flush=True)  # fmt: skip
+
+
+def launch_paths() -> None:
+    """Host cost of Triton's dispatch against the direct launch of the compiled kernels."""
+    x = torch.randn(64, 1024, 14, 14, device="cuda")
+    geom = block_geometry((14, 14), (7, 7))
+    gamma = geom.paper_gamma(0.1)
+    xg = x.clone().requires_grad_()
+    for direct in (False, True, False, True):
+        fused.DIRECT_LAUNCH = direct
+        fused._launch_for.cache_clear()
+
+        def fwd() -> None:
+            fused.fused_drop_block(x, gamma, geom)
+
+        def fwd_bwd() -> None:
+            fused.fused_drop_block(xg, gamma, geom).backward(x)
+
+        forward = f"forward loop {loop_time(fwd):7.1f} us, cpu {cpu_time(fwd):7.1f} us"
+        both = f"with backward loop {loop_time(fwd_bwd):7.1f} us, cpu {cpu_time(fwd_bwd):7.1f} us"
+        print(f"direct launch {direct!s:5}: {forward} | {both}", flush=True)
+    fused.DIRECT_LAUNCH = True
+
+
+def profile_kernels() -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(64, 1024, 14, 14, device="cuda")
+    geom = block_geometry((14, 14), (7, 7))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            fused.fused_drop_block(x, geom.paper_gamma(0.1), geom)
+            x * 2.0
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=6))
+
+
+def main() -> int:
+    if not torch.cuda.is_available() or not fused.triton_available():
+        print("gpu_sweep: needs a CUDA device and Triton")
+        return 1
+    print(torch.__version__, torch.cuda.get_device_name())
+    case((64, 1024, 14, 14), 7, others=True)
+    case((64, 1024, 14, 14), 7, channels_last=True)
+    case((32, 256, 56, 56), 7)
+    case((64, 512, 28, 28), 7, channels_last=True, dtype=torch.float16)
+    case((64, 256, 14, 14), 7)
+    case((32, 2048, 7, 7), 3)
+    launch_paths()
+    profile_kernels()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
