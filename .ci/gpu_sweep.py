@@ -81,7 +81,7 @@ def case(shape, block, p=0.1, channels_last=False, dtype=torch.float32, others=F
     gamma = geom.paper_gamma(p)
     fns = {
         "x*2": lambda: x * 2.0,
-        "fused": lambda: fused.fused_drop_block(x, gamma, geom),
+        "fused": lambda: fused.fused_drop_block(x, gamma, geom, allow_capture=True),
         "aten": lambda: _DropBlockFunction.apply(x, p, geom, False, "paper", None, False),
     }
     if others:

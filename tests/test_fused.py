@@ -120,6 +120,13 @@ class TestFusedSeeds:
         assert torch.equal(leaf.grad == 0, y.detach() == 0)
 
 
+def test_cuda_graph_capture_is_refused(monkeypatch) -> None:
+    monkeypatch.setattr(fused, "_capturing", lambda x: True)
+    x = torch.randn(2, 4, 14, 14)
+    with pytest.raises(RuntimeError, match="same blocks at every replay"):
+        fused_drop_block(x, 0.01, block_geometry((14, 14), (7, 7)))
+
+
 def test_eligibility() -> None:
     geom = block_geometry((14, 14), (7, 7))
     x = torch.randn(2, 4, 14, 14)

@@ -71,20 +71,37 @@ def fused_drop_block(
     geom: BlockGeometry,
     generator: torch.Generator | None = None,
     inplace: bool = False,
+    *,
+    allow_capture: bool = False,
 ) -> torch.Tensor:
     """Per-channel DropBlock of a dense 4-D tensor with seed rate ``gamma``, in two Triton launches.
 
     Args:
-        x: ``(N, C, H, W)``, contiguous or channels_last, ``W <= 64`` (see :func:`fused_eligible`).
+        x: ``(N, C, H, W)``, contiguous or channels_last, ``H, W <= 64`` (see :func:`fused_eligible`).
         gamma: Seed rate on the valid region.
         geom: The block geometry of ``x``'s spatial size.
         generator: Draws the call's Philox seed (on its device; the default CPU generator if None).
         inplace: Write the result into ``x``.
+        allow_capture: Permit CUDA graph capture. The seed is drawn on the host, so a captured
+            graph drops the same blocks at every replay: only for timing the kernels.
 
     Returns:
         ``x * keep * numel / kept`` in ``x``'s dtype and memory format.
+
+    Raises:
+        RuntimeError: Called during CUDA graph capture without ``allow_capture``.
     """
+    if not allow_capture and _capturing(x):
+        raise RuntimeError(
+            "DropBlock's eager CUDA op draws its seed on the host, so a captured CUDA graph would drop the "
+            "same blocks at every replay. Under torch.compile the model runs the traceable DropBlock instead, "
+            "whose seeds come from the compiled graph's own random number generator."
+        )
     return _FusedDropBlock.apply(x, gamma, geom, generator, inplace)
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 class _FusedDropBlock(torch.autograd.Function):
