@@ -36,10 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from dropblock_inject.api import inject, plan, strip
+from dropblock_inject.api import plan, strip
 from dropblock_inject.data import Splits, load_splits
 from dropblock_inject.errors import DropBlockInjectError
 from dropblock_inject.models import create_model
+from dropblock_inject.pipeline.rewrite import apply_plan
 from dropblock_inject.recipe import load_recipe
 from dropblock_inject.schedule import DropBlockSchedule
 
@@ -523,7 +524,7 @@ def _inject(setup: _Setup, model: nn.Module) -> list[dict[str, Any]]:
     chosen = plan(model, cfg.recipe, **kwargs)
     if setup.main:
         setup.reporter.message(str(chosen))
-    inject(model, cfg.recipe, **kwargs)
+    apply_plan(model, chosen)  # what inject does, without tracing and analysing the model again
     return chosen.to_dicts()
 
 
