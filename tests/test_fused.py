@@ -35,6 +35,8 @@ CASES = [
     ((3, 5, 20, 64), 5, 0.02, False, torch.float32),  # a full 64-bit row word
     ((3, 5, 13, 9), 4, 0.2, False, torch.float32),  # odd sizes, an even block, heavy overlap
     ((3, 5, 13, 9), 1, 0.2, False, torch.float32),  # block 1: dropout
+    ((2, 8, 7, 7), 7, 0.3, False, torch.float32),  # one seed position per plane (resnet stage 4)
+    ((2, 4, 1, 9), 3, 0.3, False, torch.float32),  # a one-row map: the block clipped to (1, 3)
     ((1, 3, 64, 64), (9, 2), 0.02, False, torch.float32),  # rectangular block, two row tiles
 ]
 
