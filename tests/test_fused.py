@@ -30,6 +30,7 @@ NO_GPU = "no CUDA device: the GPU checks run where the device tool lends one (.c
 CASES = [
     ((4, 16, 14, 14), 7, 0.01, False, torch.float32),
     ((4, 16, 14, 14), 7, 0.01, True, torch.float32),
+    ((2, 16, 28, 28), 7, 0.01, True, torch.float16),  # channels_last tiles: 8 channels by 8 rows
     ((2, 8, 7, 7), 3, 0.05, False, torch.float16),
     ((2, 8, 7, 7), 3, 0.05, True, torch.bfloat16),
     ((3, 5, 20, 64), 5, 0.02, False, torch.float32),  # a full 64-bit row word
@@ -127,6 +128,16 @@ def test_cuda_graph_capture_is_refused(monkeypatch) -> None:
     x = torch.randn(2, 4, 14, 14)
     with pytest.raises(RuntimeError, match="same blocks at every replay"):
         fused_drop_block(x, 0.01, block_geometry((14, 14), (7, 7)))
+
+
+def test_apply_tiles() -> None:
+    geom = block_geometry((28, 28), (7, 7))
+    launch = fused._Launch((16, 64, 28, 28), geom)
+    (planes, rows, _), contiguous = launch.apply_tiling(channels_last=False)
+    assert (contiguous["BP"], contiguous["BH"], rows) == (2, 32, 1)  # whole planes, 2 per tile
+    (planes, rows, _), cl = launch.apply_tiling(channels_last=True)
+    assert (cl["BP"], cl["BH"], cl["BI"], rows) == (8, 8, 16, 4)  # 8 adjacent channels by 8 rows
+    assert planes * cl["BP"] == 16 * 64 and cl["BP"] * cl["BH"] * cl["W_P2"] == fused.TILE_UNITS
 
 
 def test_eligibility() -> None:

@@ -32,6 +32,7 @@ TILE_UNITS = 2048  # units of the input per program of the apply kernel
 APPLY_WARPS = 4
 SEED_TILE = 4096  # (plane, row, seed row) triples per program of the seed kernel
 DIRECT_LAUNCH = True  # launch a compiled kernel directly after its first launch (see _Launch)
+CHANNELS_LAST_PLANES = 8  # channels_last: channels per apply tile at least (adjacent in memory)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_POSITIONS = 2**30  # seed positions per call (Philox offsets are 32-bit)
 
@@ -165,12 +166,8 @@ class _Launch:
         self.seed_grid = (-(-self.n_planes // seed_bp), 1, 1)  # 3-D: a compiled kernel reads all three
         self.seed_consts = dict(H=h, SH=sh, SW=sw, KH=kh, KW=kw, BP=seed_bp, H_P2=h_p2, SH_P2=sh_p2,
                                 SW_P4=_pow2(-(-sw // 4)))  # fmt: skip
-        w_p2 = _pow2(w)
-        bh = min(h_p2, max(1, TILE_UNITS // w_p2))
-        bp = max(1, TILE_UNITS // (bh * w_p2))
-        self.apply_grid = (-(-self.n_planes // bp), -(-h // bh), 1)
-        self.apply_consts = dict(C=c, H=h, W=w, SH=sh, KH=kh, KW=kw, WORD_BITS=self.word_dtype.itemsize * 8, BP=bp,
-                                 BH=bh, BI=_pow2(min(bh + kh - 1, sh)), W_P2=w_p2)  # fmt: skip
+        self._apply_shape = (c, h, w, sh, kh, kw)
+        self._apply_tilings: dict[bool, tuple[tuple[int, int, int], dict]] = {}
         self.apply_warps = APPLY_WARPS
         self._compiled: dict[tuple, object] = {}
 
@@ -188,7 +185,25 @@ class _Launch:
         aligned = src.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0
         key = ("apply", src.device.index, src.dtype, src.stride()) if aligned else None
         args = (src, out, words, count, self.numel, self.n_planes, *src.stride())
-        self._launch("apply_kernel", self.apply_grid, key, args, self.apply_consts, {"num_warps": self.apply_warps})
+        grid, consts = self.apply_tiling(channels_last=src.stride(1) == 1)
+        self._launch("apply_kernel", grid, key, args, consts, {"num_warps": self.apply_warps})
+
+    def apply_tiling(self, channels_last: bool) -> tuple[tuple[int, int, int], dict]:
+        """Grid and constants of the apply kernel: tiles of ``TILE_UNITS`` units, whole rows.
+
+        In channels_last memory the channels of one position are adjacent, so a tile there
+        spans at least ``CHANNELS_LAST_PLANES`` channels (fewer rows instead).
+        """
+        tiling = self._apply_tilings.get(channels_last)
+        if tiling is None:
+            c, h, w, sh, kh, kw = self._apply_shape
+            w_p2, min_planes = _pow2(w), CHANNELS_LAST_PLANES if channels_last else 1
+            bh = min(_pow2(h), max(1, TILE_UNITS // (w_p2 * min_planes)))
+            bp = max(min_planes, TILE_UNITS // (bh * w_p2))
+            consts = dict(C=c, H=h, W=w, SH=sh, KH=kh, KW=kw, WORD_BITS=self.word_dtype.itemsize * 8, BP=bp, BH=bh,
+                          BI=_pow2(min(bh + kh - 1, sh)), W_P2=w_p2)  # fmt: skip
+            tiling = self._apply_tilings[channels_last] = ((-(-self.n_planes // bp), -(-h // bh), 1), consts)
+        return tiling
 
     def _launch(self, name: str, grid: tuple[int, ...], key: tuple | None, args: tuple, consts: dict, options: dict):
         compiled = self._compiled.get(key) if key is not None else None
