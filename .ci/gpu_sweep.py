@@ -1,7 +1,7 @@
 """The fused op on a CUDA GPU: loop and CUDA-graph times against ``x * 2``, launch paths, kernel profile.
 
 Run by ``.ci/gpu-check`` (``python .ci/gpu_sweep.py`` with the repository on ``PYTHONPATH``).
-"loop" times back-to-back calls with CUDA events, so a CPU-bound op shows its launch cost;
+"loop" times back-to-back calls between synchronisations (`bench._sample`), so a CPU-bound op shows its launch cost;
 "graph" replays a captured CUDA graph of 10 calls, the GPU's time alone; "cpu" is the host
 time per call before the device catches up.
 """
@@ -15,25 +15,15 @@ from collections.abc import Callable
 
 import torch
 
+from dropblock_inject.bench import _sample
 from dropblock_inject.op import fused
 from dropblock_inject.op.functional import _DropBlockFunction
 from dropblock_inject.op.geometry import block_geometry
 
 
 def loop_time(fn: Callable[[], object], n: int = 50, reps: int = 7) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        for _ in range(n):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / n * 1e3)
-    return statistics.median(times)
+    """Median microseconds per call of ``n`` back-to-back calls (synchronised), over ``reps`` runs."""
+    return statistics.median(_sample(fn, n, "cuda") for _ in range(reps)) * 1e6
 
 
 def graph_time(fn: Callable[[], object], per: int = 10, reps: int = 15) -> float:

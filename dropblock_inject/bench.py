@@ -342,10 +342,10 @@ def op_share(step: Callable[[], object], repeats: int = 2, *, device: torch.devi
     """Fraction of the wall time of ``repeats`` calls spent in the eager DropBlock op, forward and backward.
 
     Free of the run-to-run noise that step timings carry: the step overhead of the patched model
-    is about this fraction (plus one hook call per site). The op's autograd Function is timed
-    by wrapping the ``forward`` and ``backward`` of its autograd Functions (ATen and fused) for
-    the duration (restored after), not by the profiler, whose own cost per kernel would inflate
-    an op made of small kernels. On a CUDA ``device`` each call is timed between two device
+    is about this fraction (plus one hook call per site). The ``forward`` and ``backward`` of the
+    op's autograd Functions (ATen and fused) are wrapped with a timer for the duration (restored
+    after), not profiled: the profiler's own cost per kernel would inflate an op made of small
+    kernels. On a CUDA ``device`` each call is timed between two device
     synchronisations, so the share counts the op's kernels, not only their launch.
     """
     from unittest import mock
