@@ -3,7 +3,8 @@
 Run by ``.ci/gpu-check`` (``python .ci/gpu_sweep.py`` with the repository on ``PYTHONPATH``).
 "loop" times back-to-back calls between synchronisations (`bench._sample`), so a CPU-bound op shows its launch cost;
 "graph" replays a captured CUDA graph of 10 calls, the GPU's time alone; "cpu" is the host
-time per call before the device catches up.
+time per call before the device catches up. "fused" is the default kernel set (``fused.KERNELS``),
+"fused flat" the row-word set with the storage-order apply; ``knobs`` times the tile sizes.
 """
 
 from __future__ import annotations
@@ -63,6 +64,19 @@ def cpu_time(fn: Callable[[], object], n: int = 200) -> float:
     return (t1 - t0) / n * 1e6
 
 
+def with_kernels(kernels: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run with ``fused.KERNELS = kernels``."""
+
+    def call() -> object:
+        saved, fused.KERNELS = fused.KERNELS, kernels
+        try:
+            return fn()
+        finally:
+            fused.KERNELS = saved
+
+    return call
+
+
 def case(shape, block, p=0.1, channels_last=False, dtype=torch.float32, others=False) -> None:
     x = torch.randn(shape, device="cuda", dtype=dtype)
     if channels_last:
@@ -72,6 +86,7 @@ def case(shape, block, p=0.1, channels_last=False, dtype=torch.float32, others=F
     fns = {
         "x*2": lambda: x * 2.0,
         "fused": lambda: fused.fused_drop_block(x, gamma, geom, allow_capture=True),
+        "fused flat": with_kernels("flat", lambda: fused.fused_drop_block(x, gamma, geom, allow_capture=True)),
         "aten": lambda: _DropBlockFunction.apply(x, p, geom, False, "paper", None, False),
     }
     if others:
@@ -84,10 +99,30 @@ def case(shape, block, p=0.1, channels_last=False, dtype=torch.float32, others=F
     base = None
     for name, fn in fns.items():
         loop, cpu = loop_time(fn), cpu_time(fn)
-        graph = graph_time(fn) if name in ("x*2", "fused") else float("nan")
+        graph = graph_time(fn) if name in ("x*2", "fused", "fused flat") else float("nan")
         base = base or (loop, graph)
         print(f"{tag:34s} {name:12s} loop {loop:8.1f} us {loop / base[0]:6.2f}x | "
               f"graph {graph:7.1f} us {graph / base[1]:5.2f}x | cpu {cpu:7.1f} us", flush=True)  # fmt: skip
+
+
+def knobs() -> None:
+    """The flat set's apply block and warps, and the seed tile, at (64, 1024, 14, 14)/7 (graph ratios)."""
+    x = torch.randn(64, 1024, 14, 14, device="cuda")
+    geom = block_geometry((14, 14), (7, 7))
+    gamma = geom.paper_gamma(0.1)
+    floor = graph_time(lambda: x * 2.0)
+    saved = (fused.FLAT_BLOCK, fused.APPLY_WARPS, fused.SEED_TILE)
+    for kernels, block, warps, tile in [("tiles", 0, 4, 4096), ("tiles", 0, 4, 1024), ("flat", 2048, 4, 4096),
+                                        ("flat", 1024, 4, 4096), ("flat", 4096, 8, 4096), ("flat", 2048, 4, 1024),
+                                        ("flat", 2048, 4, 512)]:  # fmt: skip
+        fused.FLAT_BLOCK, fused.APPLY_WARPS, fused.SEED_TILE = block or saved[0], warps, tile
+        fused._launch_for.cache_clear()
+        fn = with_kernels(kernels, lambda: fused.fused_drop_block(x, gamma, geom, allow_capture=True))
+        t = graph_time(fn)
+        print(f"knobs {kernels:5s} FLAT_BLOCK {block:5d} APPLY_WARPS {warps} SEED_TILE {tile:5d}: "
+              f"graph {t:7.1f} us {t / floor:5.2f}x x*2", flush=True)  # fmt: skip
+    fused.FLAT_BLOCK, fused.APPLY_WARPS, fused.SEED_TILE = saved
+    fused._launch_for.cache_clear()
 
 
 def launch_paths() -> None:
@@ -117,12 +152,14 @@ def profile_kernels() -> None:
 
     x = torch.randn(64, 1024, 14, 14, device="cuda")
     geom = block_geometry((14, 14), (7, 7))
+    flat = with_kernels("flat", lambda: fused.fused_drop_block(x, geom.paper_gamma(0.1), geom))
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(20):
             fused.fused_drop_block(x, geom.paper_gamma(0.1), geom)
+            flat()
             x * 2.0
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=6))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8))
 
 
 def main() -> int:
@@ -136,6 +173,7 @@ def main() -> int:
     case((64, 512, 28, 28), 7, channels_last=True, dtype=torch.float16)
     case((64, 256, 14, 14), 7)
     case((32, 2048, 7, 7), 3)
+    knobs()
     launch_paths()
     profile_kernels()
     return 0

@@ -51,6 +51,13 @@ def device() -> str:
     pytest.skip("needs CUDA, or TRITON_INTERPRET=1 (test_kernels_under_the_interpreter runs that)")
 
 
+@pytest.fixture(params=fused.KERNEL_SETS)
+def kernels(request, monkeypatch) -> str:
+    """Each kernel set in turn (``fused.KERNELS``)."""
+    monkeypatch.setattr(fused, "KERNELS", request.param)
+    return request.param
+
+
 def case_input(shape, block, gamma, channels_last, dtype, device):
     """The input and geometry of a case."""
     x = torch.randn(shape, device=device).to(dtype)
@@ -89,12 +96,28 @@ class TestFusedKernels:
         expect = torch.where(y == 0, 0.0, grad.float() * scale).to(dtype)
         torch.testing.assert_close(x.grad, expect, rtol=2.0**-7 if dtype != torch.float32 else 1e-6, atol=0.0)
 
-    def test_inplace_writes_the_input(self, case, device) -> None:
+    def test_inplace_writes_the_input(self, case, device, kernels) -> None:
         x, geom = case_input(*case, device)
         ref = fused_drop_block(x, case[2], geom, generator=torch.Generator().manual_seed(3))
         buf = x.clone()
         out = fused_drop_block(buf, case[2], geom, generator=torch.Generator().manual_seed(3), inplace=True)
         assert out is buf and torch.equal(out, ref)
+
+    def test_kernel_sets_give_the_same_output(self, case, device, monkeypatch) -> None:
+        # the same Philox draws, so the same blocks: the set that is not the default (whose output
+        # and backward the tests above check) must give the very same output and gradient
+        x, geom = case_input(*case, device)
+        x.requires_grad_()
+        grad = torch.randn_like(x)
+        results = []
+        for kernels in fused.KERNEL_SETS:
+            monkeypatch.setattr(fused, "KERNELS", kernels)
+            y = fused_drop_block(x, case[2], geom, generator=torch.Generator().manual_seed(5))
+            (dx,) = torch.autograd.grad(y, x, grad)
+            results.append((y, dx))
+        (y0, dx0), (y1, dx1) = results
+        assert torch.equal(y0, y1) and torch.equal(dx0, dx1)
+        assert y1.stride() == x.stride() and dx1.stride() == x.stride()
 
 
 class TestFusedSeeds:
@@ -152,6 +175,15 @@ def test_eligibility() -> None:
     assert not fused_eligible(x[..., ::2], block_geometry((14, 7), (7, 7)), False, device_type="cpu")
     x3 = torch.randn(2, 4, 3, 8, 8)
     assert not fused_eligible(x3, block_geometry((3, 8, 8), (1, 3, 3)), False, device_type="cpu")
+    big = block_geometry((64, 64), (33, 33))  # 2**29 seed positions, but 2**31 units: not in 32-bit offsets
+    assert fused_eligible(torch.empty(2**10, 2**9 - 1, 64, 64, device="meta"), big, False, device_type="meta")
+    assert not fused_eligible(torch.empty(2**10, 2**9, 64, 64, device="meta"), big, False, device_type="meta")
+
+
+def test_an_unknown_kernel_set_is_named(monkeypatch) -> None:
+    monkeypatch.setattr(fused, "KERNELS", "fast")
+    with pytest.raises(ValueError, match=r"FUSED_KERNELS must be one of \('tiles', 'flat'\), got 'fast'"):
+        fused_drop_block(torch.randn(2, 4, 14, 14), 0.01, block_geometry((14, 14), (7, 7)))
 
 
 @pytest.mark.skipif(
@@ -177,7 +209,7 @@ class TestFusedOnCuda:
         # 65k planes per call: the standard deviation of the fraction is about 0.0007
         assert sum(fractions) / len(fractions) == pytest.approx(0.1, abs=0.002)
 
-    def test_direct_launch_matches_triton_dispatch(self, monkeypatch) -> None:
+    def test_direct_launch_matches_triton_dispatch(self, monkeypatch, kernels) -> None:
         x = torch.randn(8, 64, 14, 14, device="cuda")
         geom = block_geometry((14, 14), (7, 7))
         outs = []
@@ -187,9 +219,9 @@ class TestFusedOnCuda:
             gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
             outs.append([fused_drop_block(x, 0.02, geom, generator=g) for g in gens])
         assert all(torch.equal(a, b) for a, b in zip(*outs))
-        assert fused._launch_for(tuple(x.shape), geom)._compiled  # the later calls took the compiled kernels
+        assert fused._launch_for(tuple(x.shape), geom, kernels)._compiled  # later calls took the compiled kernels
 
-    def test_no_host_sync(self) -> None:
+    def test_no_host_sync(self, kernels) -> None:
         x = torch.randn(8, 64, 28, 28, device="cuda", requires_grad=True)
         m = dbi.DropBlock(0.1, 7).cuda().train()
         m(x).sum().backward()  # compile the kernels before the check

@@ -23,8 +23,16 @@ def _popcount(v):
 
 
 @triton.jit
+def _popcount32(v):
+    v = v - ((v >> 1) & 0x55555555)
+    v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
+    v = (v + (v >> 4)) & 0x0F0F0F0F
+    return (v * 0x01010101) >> 24
+
+
+@triton.jit
 def _as_u64(words, WORD_BITS: tl.constexpr):
-    """Stored seed-row words (int8/16/32/64 bit patterns) as uint64, without sign extension."""
+    """Stored words (int8/16/32/64 bit patterns) as uint64, without sign extension."""
     if WORD_BITS == 8:
         words = words.to(tl.uint8, bitcast=True)
     elif WORD_BITS == 16:
@@ -50,16 +58,14 @@ def _dropped_rows(words, i, h, KH: tl.constexpr, KW: tl.constexpr):
     return tl.reduce(tl.where(reach[None, :, :], spread[:, None, :], 0), 2, _bit_or)
 
 
-@triton.jit(do_not_specialize=["seed", "threshold"])
-def seed_kernel(words_ptr, count_ptr, seed, threshold, n_planes, H: tl.constexpr, SH: tl.constexpr,
-                SW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BP: tl.constexpr, H_P2: tl.constexpr,
-                SH_P2: tl.constexpr, SW_P4: tl.constexpr):  # fmt: skip
-    """Draw the seeds of ``BP`` planes, store one word per seed row, add the dropped units to the count.
+@triton.jit
+def _seed_words(seed, threshold, planes, n_planes, SH: tl.constexpr, SW: tl.constexpr, SH_P2: tl.constexpr,
+                SW_P4: tl.constexpr):  # fmt: skip
+    """The seed-row words ``(planes, SH_P2)`` as uint64: bit ``c`` is the seed in column ``c``.
 
     One Philox call gives the 32-bit draws of 4 neighbouring positions; a position is a seed
     when its draw is below ``threshold = round(gamma * 2**32)``.
     """
-    planes = tl.program_id(0) * BP + tl.arange(0, BP)
     i = tl.arange(0, SH_P2)
     q = tl.arange(0, SW_P4)
     live = (planes < n_planes)[:, None, None] & (i < SH)[None, :, None]
@@ -70,12 +76,42 @@ def seed_kernel(words_ptr, count_ptr, seed, threshold, n_planes, H: tl.constexpr
     nib |= ((r1.to(tl.uint32, bitcast=True).to(tl.int64) < threshold) & live & (col + 1 < SW)).to(tl.uint64) << 1
     nib |= ((r2.to(tl.uint32, bitcast=True).to(tl.int64) < threshold) & live & (col + 2 < SW)).to(tl.uint64) << 2
     nib |= ((r3.to(tl.uint32, bitcast=True).to(tl.int64) < threshold) & live & (col + 3 < SW)).to(tl.uint64) << 3
-    words = tl.sum(nib << col.to(tl.uint64), axis=2)  # distinct bits: the sum is an or
+    return tl.sum(nib << col.to(tl.uint64), axis=2)  # distinct bits: the sum is an or
+
+
+@triton.jit(do_not_specialize=["seed", "threshold"])
+def seed_kernel(words_ptr, count_ptr, seed, threshold, n_planes, H: tl.constexpr, SH: tl.constexpr,
+                SW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BP: tl.constexpr, H_P2: tl.constexpr,
+                SH_P2: tl.constexpr, SW_P4: tl.constexpr):  # fmt: skip
+    """Draw the seeds of ``BP`` planes, store one word per seed row, add the dropped units to the count."""
+    planes = tl.program_id(0) * BP + tl.arange(0, BP)
+    i = tl.arange(0, SH_P2)
+    words = _seed_words(seed, threshold, planes, n_planes, SH, SW, SH_P2, SW_P4)
     store = (planes < n_planes)[:, None] & (i < SH)[None, :]
     tl.store(words_ptr + planes[:, None] * SH + i[None, :], words.to(words_ptr.dtype.element_ty), mask=store)
     h = tl.arange(0, H_P2)
     rows = tl.where((h < H)[None, :], _dropped_rows(words, i, h, KH, KW), 0)
     tl.atomic_add(count_ptr, tl.sum(tl.sum(_popcount(rows), axis=1), axis=0).to(tl.int64))
+
+
+@triton.jit(do_not_specialize=["seed", "threshold"])
+def seed_rows_kernel(rows_ptr, count_ptr, seed, threshold, n_planes, H: tl.constexpr, SH: tl.constexpr,
+                     SW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BP: tl.constexpr, H_P2: tl.constexpr,
+                     SH_P2: tl.constexpr, SW_P4: tl.constexpr, WIDE: tl.constexpr):  # fmt: skip
+    """The seeds of ``BP`` planes (the draws of :func:`seed_kernel`), stored as the dropped columns of
+    every output row (one word per row, for :func:`apply_flat_kernel`); the dropped units are added
+    to the count. Rows up to 32 wide are worked in 32 bits (``WIDE`` is False)."""
+    planes = tl.program_id(0) * BP + tl.arange(0, BP)
+    i = tl.arange(0, SH_P2)
+    words = _seed_words(seed, threshold, planes, n_planes, SH, SW, SH_P2, SW_P4)
+    if not WIDE:
+        words = words.to(tl.uint32)
+    h = tl.arange(0, H_P2)
+    rows = tl.where((h < H)[None, :], _dropped_rows(words, i, h, KH, KW), 0)
+    store = (planes < n_planes)[:, None] & (h < H)[None, :]
+    tl.store(rows_ptr + planes[:, None] * H + h[None, :], rows.to(rows_ptr.dtype.element_ty), mask=store)
+    count = _popcount(rows) if WIDE else _popcount32(rows)
+    tl.atomic_add(count_ptr, tl.sum(tl.sum(count, axis=1), axis=0).to(tl.int64))
 
 
 @triton.jit
@@ -101,3 +137,40 @@ def apply_kernel(src_ptr, out_ptr, words_ptr, count_ptr, numel, n_planes, s_n, s
     x = tl.load(src_ptr + offs, mask=mask)
     y = tl.where(dropped, 0.0, x.to(tl.float32) * scale)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def apply_flat_kernel(src_ptr, out_ptr, rows_ptr, count_ptr, numel, C: tl.constexpr, H: tl.constexpr,
+                      W: tl.constexpr, CHANNELS_LAST: tl.constexpr, ROW_BITS: tl.constexpr, WIDE: tl.constexpr,
+                      BLOCK: tl.constexpr):  # fmt: skip
+    """``out = src * keep * numel / kept`` on ``BLOCK`` consecutive units of memory.
+
+    The units are taken in storage order (contiguous or channels_last; ``numel < 2**31``), so
+    every load and store is a whole, aligned vector; each unit reads its row's word of dropped
+    columns (from :func:`seed_rows_kernel`, cached: a plane's row is one word).
+    """
+    f = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = f < numel
+    if CHANNELS_LAST:
+        c = f % C
+        t = f // C
+        w = t % W
+        t = t // W
+        h = t % H
+        plane = (t // H) * C + c
+    else:
+        plane = f // (H * W)
+        r = f % (H * W)
+        h = r // W
+        w = r % W
+    word = _as_u64(tl.load(rows_ptr + plane * H + h, mask=mask, other=0), ROW_BITS)
+    if WIDE:
+        dropped = ((word >> w.to(tl.uint64)) & 1) != 0
+    else:
+        word = word.to(tl.uint32)
+        dropped = ((word >> w.to(tl.uint32)) & 1) != 0
+    kept = numel - tl.load(count_ptr)
+    scale = tl.where(kept > 0, tl.cast(numel, tl.float64) / tl.maximum(kept, 1).to(tl.float64), 0.0).to(tl.float32)
+    x = tl.load(src_ptr + f, mask=mask)
+    y = tl.where(dropped, 0.0, x.to(tl.float32) * scale)
+    tl.store(out_ptr + f, y.to(out_ptr.dtype.element_ty), mask=mask)

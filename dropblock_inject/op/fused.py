@@ -12,6 +12,12 @@ ships with PyTorch's CUDA wheels):
   ``x * keep * numel / kept`` in one pass over ``x``. Backward is the same kernel on the
   gradient: it keeps the seed-row words (one bit per seed position) and the count.
 
+A second pair of kernels, ``KERNELS = "flat"`` (``DROPBLOCK_INJECT_FUSED_KERNELS=flat``), draws the
+same seeds but stores each output row's dropped columns (``seed_rows_kernel``), so that
+``apply_flat_kernel`` can walk the input in storage order with whole vectors (no padded rows or
+columns) and one cached word per row. It is tested (under Triton's interpreter) to give the very
+output of the default pair; it has not been timed on a GPU yet, so ``"tiles"`` stays the default.
+
 A plane's rows must fit one word and its rows one tile (``H, W <= 64``); other inputs take the
 ATen path of :mod:`dropblock_inject.op.functional`. ``DROPBLOCK_INJECT_FUSED=0`` turns this off.
 """
@@ -33,8 +39,12 @@ APPLY_WARPS = 4
 SEED_TILE = 4096  # (plane, row, seed row) triples per program of the seed kernel
 DIRECT_LAUNCH = True  # launch a compiled kernel directly after its first launch (see _Launch)
 CHANNELS_LAST_PLANES = 8  # channels_last: channels per apply tile at least (adjacent in memory)
+KERNEL_SETS = ("tiles", "flat")  # seed words + tiled apply (measured); row words + storage-order apply
+KERNELS = os.environ.get("DROPBLOCK_INJECT_FUSED_KERNELS", "tiles")
+FLAT_BLOCK = 2048  # units per program of apply_flat_kernel
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_POSITIONS = 2**30  # seed positions per call (Philox offsets are 32-bit)
+_MAX_NUMEL = 2**31  # units per call (apply_flat_kernel indexes in 32 bits)
 
 
 @functools.cache
@@ -59,7 +69,7 @@ def fused_eligible(x: torch.Tensor, geom: BlockGeometry, shared: bool, *, device
         and x.dtype in _DTYPES
         and x.shape[-1] <= WORD_BITS
         and x.shape[-2] <= WORD_BITS
-        and x.numel() > 0
+        and 0 < x.numel() < _MAX_NUMEL
         and is_dense(x)
         and x.shape[0] * x.shape[1] * math.prod(geom.seed_grid) < _MAX_POSITIONS
         and triton_available()
@@ -108,7 +118,7 @@ def _capturing(x: torch.Tensor) -> bool:
 class _FusedDropBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gamma, geom, generator, inplace):
-        launch = _launch_for(tuple(x.shape), geom)
+        launch = _launch_for(tuple(x.shape), geom, _kernel_set())
         words, count = launch.draw(gamma, _draw_seed(generator), x.device)
         out = x if inplace else torch.empty_like(x)
         launch.apply(x, out, words, count)
@@ -140,9 +150,15 @@ def _pow2(n: int) -> int:
 _WORD_DTYPES = {8: torch.uint8, 16: torch.int16, 32: torch.int32, 64: torch.int64}
 
 
+def _kernel_set() -> str:
+    if KERNELS not in KERNEL_SETS:
+        raise ValueError(f"DROPBLOCK_INJECT_FUSED_KERNELS must be one of {KERNEL_SETS}, got {KERNELS!r}")
+    return KERNELS
+
+
 @functools.lru_cache(maxsize=256)
-def _launch_for(shape: tuple[int, ...], geom: BlockGeometry) -> _Launch:
-    return _Launch(shape, geom)
+def _launch_for(shape: tuple[int, ...], geom: BlockGeometry, kernels: str = "tiles") -> _Launch:
+    return _Launch(shape, geom, kernels)
 
 
 class _Launch:
@@ -156,11 +172,14 @@ class _Launch:
     which are never specialised (``do_not_specialize``).
     """
 
-    def __init__(self, shape: tuple[int, ...], geom: BlockGeometry) -> None:
+    def __init__(self, shape: tuple[int, ...], geom: BlockGeometry, kernels: str = "tiles") -> None:
         n, c, h, w = shape
         (sh, sw), (kh, kw) = geom.seed_grid, geom.block
-        self.n_planes, self.numel = n * c, math.prod(shape)
-        self.word_dtype = _WORD_DTYPES[next(bits for bits in _WORD_DTYPES if bits >= sw)]
+        self.n_planes, self.numel, self.flat = n * c, math.prod(shape), kernels == "flat"
+        # the stored words: one per seed row (tiles) or one per output row (flat)
+        self.word_dtype = _WORD_DTYPES[next(bits for bits in _WORD_DTYPES if bits >= (w if self.flat else sw))]
+        self.words_per_plane = h if self.flat else sh
+        self.wide = w > 32  # flat: rows up to 32 wide are worked in 32 bits
         h_p2, sh_p2 = _pow2(h), _pow2(sh)
         seed_bp = max(1, SEED_TILE // (h_p2 * sh_p2))
         self.seed_grid = (-(-self.n_planes // seed_bp), 1, 1)  # 3-D: a compiled kernel reads all three
@@ -172,18 +191,31 @@ class _Launch:
         self._compiled: dict[tuple, object] = {}
 
     def draw(self, gamma: float, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The seed-row words ``(planes, SH)`` and the dropped count (1-element int64)."""
-        words = torch.empty(self.n_planes * self.seed_consts["SH"], dtype=self.word_dtype, device=device)
+        """The stored words (per seed row, or per output row for ``flat``) and the dropped count
+        (1-element int64)."""
+        words = torch.empty(self.n_planes * self.words_per_plane, dtype=self.word_dtype, device=device)
         count = torch.zeros(1, dtype=torch.int64, device=device)
         threshold = round(min(max(gamma, 0.0), 1.0) * 2**32)
         args = (words, count, seed, threshold, self.n_planes)
-        self._launch("seed_kernel", self.seed_grid, ("seed", device.index), args, self.seed_consts, {})
+        if self.flat:
+            consts = {**self.seed_consts, "WIDE": self.wide}
+            self._launch("seed_rows_kernel", self.seed_grid, ("seed_rows", device.index), args, consts, {})
+        else:
+            self._launch("seed_kernel", self.seed_grid, ("seed", device.index), args, self.seed_consts, {})
         return words, count
 
     def apply(self, src: torch.Tensor, out: torch.Tensor, words: torch.Tensor, count: torch.Tensor) -> None:
-        """``out = src * keep * numel / kept`` (``out`` may be ``src``)."""
+        """``out = src * keep * numel / kept`` (``out`` may be ``src``, else it has ``src``'s strides)."""
         aligned = src.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0
         key = ("apply", src.device.index, src.dtype, src.stride()) if aligned else None
+        if self.flat:
+            c, h, w = self._apply_shape[:3]
+            consts = dict(C=c, H=h, W=w, CHANNELS_LAST=not src.is_contiguous(),
+                          ROW_BITS=self.word_dtype.itemsize * 8, WIDE=self.wide, BLOCK=FLAT_BLOCK)  # fmt: skip
+            grid = (-(-self.numel // FLAT_BLOCK), 1, 1)
+            args = (src, out, words, count, self.numel)
+            self._launch("apply_flat_kernel", grid, key, args, consts, {"num_warps": self.apply_warps})
+            return
         args = (src, out, words, count, self.numel, self.n_planes, *src.stride())
         grid, consts = self.apply_tiling(channels_last=src.stride(1) == 1)
         self._launch("apply_kernel", grid, key, args, consts, {"num_warps": self.apply_warps})
