@@ -153,6 +153,16 @@ def test_cuda_graph_capture_is_refused(monkeypatch) -> None:
         fused_drop_block(x, 0.01, block_geometry((14, 14), (7, 7)))
 
 
+def test_seeds_follow_torch_manual_seed_and_fit_int32() -> None:
+    torch.manual_seed(11)
+    first = [fused._draw_seed(None) for _ in range(50)]
+    torch.manual_seed(11)
+    assert [fused._draw_seed(None) for _ in range(50)] == first
+    assert len(set(first)) == 50 and all(0 <= s < 2**31 - 1 for s in first)  # Triton types them int32
+    gen = torch.Generator().manual_seed(4)
+    assert fused._draw_seed(gen) == fused._draw_seed(torch.Generator().manual_seed(4))
+
+
 def test_apply_tiles() -> None:
     geom = block_geometry((28, 28), (7, 7))
     launch = fused._Launch((16, 64, 28, 28), geom)

@@ -10,8 +10,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from conftest import drop_fraction
+from conftest import drop_fraction, is_union_of_blocks
 from dropblock_inject import DropBlock
+from dropblock_inject.op.geometry import block_geometry
 
 
 class LeafTracer(fx.Tracer):
@@ -60,6 +61,25 @@ class TestDropBlockModule:
         moved = m.to(torch.float64)  # a new buffer tensor
         moved.factor.fill_(0.125)
         assert moved.factor_value == 0.125
+
+    def test_geometry_follows_the_input_shape_and_the_block_size(self, monkeypatch) -> None:
+        from dropblock_inject.op import module
+
+        made = []
+        monkeypatch.setattr(module, "block_geometry", lambda *args: made.append(args) or block_geometry(*args))
+        m = DropBlock(0.3, 3)
+        x = torch.ones(2, 4, 14, 14)
+        for _ in range(3):
+            m(x)
+        assert made == [((14, 14), (3, 3), "valid")]  # worked out once for a shape
+        m.block_size = 5  # a setting changed after the first call still applies
+        torch.manual_seed(0)
+        dropped = (m(x) == 0).float().flatten(0, 1)
+        assert is_union_of_blocks(dropped, (5, 5)) and not is_union_of_blocks(dropped, (6, 6))
+        assert m(torch.ones(2, 4, 9, 9)).shape == (2, 4, 9, 9)
+        assert made[1:] == [((14, 14), (5, 5), "valid"), ((9, 9), (5, 5), "valid")]
+        with pytest.raises(ValueError, match="4-D"):
+            m(torch.ones(2, 4, 9))
 
     def test_validates_its_settings(self) -> None:
         with pytest.raises(ValueError, match="drop_prob"):

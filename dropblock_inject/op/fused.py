@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
 
 import torch
 
@@ -138,9 +139,17 @@ class _FusedDropBlock(torch.autograd.Function):
         return out, None, None, None, None
 
 
+_SEED_BUFFERS = threading.local()  # a 0-d CPU int64 per thread, refilled by each draw
+
+
 def _draw_seed(generator: torch.Generator | None) -> int:
-    device = generator.device if generator is not None else "cpu"
-    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device))
+    """The call's Philox seed, in ``[0, 2**31 - 1)`` (so Triton always types it int32)."""
+    if generator is not None and generator.device.type != "cpu":
+        return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device))
+    buf = getattr(_SEED_BUFFERS, "buf", None)
+    if buf is None:
+        buf = _SEED_BUFFERS.buf = torch.empty((), dtype=torch.int64)
+    return int(buf.random_(0, 2**31 - 1, generator=generator))
 
 
 def _pow2(n: int) -> int:

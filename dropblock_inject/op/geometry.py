@@ -19,7 +19,7 @@ import itertools
 import math
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -61,20 +61,23 @@ class BlockGeometry:
     spatial: tuple[int, ...]
     block: tuple[int, ...]
     seed_region: str
+    # derived in __post_init__ (every eager call reads them: worked out once per geometry)
+    seed_grid: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    """Number of seed positions per spatial dimension."""
+    block_start: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    """Offset of a block's first unit relative to its seed, per dimension."""
+    paper_slope: float = field(init=False, repr=False, compare=False)
+    """``gamma / rate`` of Eq. 1 (before clipping at 1); no valid-region factor for ``"full"``."""
 
-    @property
-    def seed_grid(self) -> tuple[int, ...]:
-        """Number of seed positions per spatial dimension."""
-        if self.seed_region == "full":
-            return self.spatial
-        return tuple(s - k + 1 for s, k in zip(self.spatial, self.block))
-
-    @property
-    def block_start(self) -> tuple[int, ...]:
-        """Offset of a block's first unit relative to its seed, per dimension."""
-        if self.seed_region == "full":
-            return tuple(-(k // 2) for k in self.block)
-        return tuple(0 for _ in self.block)
+    def __post_init__(self) -> None:
+        full = self.seed_region == "full"
+        grid = self.spatial if full else tuple(s - k + 1 for s, k in zip(self.spatial, self.block))
+        start = tuple(-(k // 2) if full else 0 for k in self.block)
+        units = math.prod(self.block) * (1 if full else math.prod(grid))
+        slope = (1.0 if full else math.prod(self.spatial)) / units
+        object.__setattr__(self, "seed_grid", grid)
+        object.__setattr__(self, "block_start", start)
+        object.__setattr__(self, "paper_slope", slope)
 
     @property
     def coverage(self) -> tuple[tuple[int, float], ...]:
@@ -89,13 +92,6 @@ class BlockGeometry:
         """Expected fraction of dropped units for seed rate ``gamma`` (overlaps and edges counted)."""
         q = 1.0 - gamma
         return min(max(1.0 - sum(w * q**n for n, w in self.coverage), 0.0), 1.0)
-
-    @property
-    def paper_slope(self) -> float:
-        """``gamma / rate`` of Eq. 1 (before clipping at 1); no valid-region factor for ``"full"``."""
-        if self.seed_region == "full":
-            return 1.0 / math.prod(self.block)
-        return math.prod(self.spatial) / (math.prod(self.block) * math.prod(self.seed_grid))
 
     def paper_gamma(self, rate: float) -> float:
         """Eq. 1 of the paper: ``rate / prod(block) * prod(spatial) / prod(seed_grid)``, at most 1."""

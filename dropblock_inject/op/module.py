@@ -13,7 +13,7 @@ from dropblock_inject.op.functional import (
     drop_block_traceable,
     validate_args,
 )
-from dropblock_inject.op.geometry import block_geometry
+from dropblock_inject.op.geometry import BlockGeometry, block_geometry
 
 __all__ = ["DropBlock"]
 
@@ -73,6 +73,7 @@ class DropBlock(nn.Module):
         self.inplace = bool(inplace)
         self.register_buffer("factor", torch.ones((), dtype=torch.float32), persistent=False)
         self._factor_host: tuple[torch.Tensor, int, float] | None = None
+        self._last_geometry: tuple[tuple, BlockGeometry] | None = None  # (key, geometry) of the last eager call
 
     def set_factor(self, value: float) -> None:
         """Set the schedule's ``factor`` (the buffer, and a host copy that spares a device sync per call)."""
@@ -88,9 +89,10 @@ class DropBlock(nn.Module):
     def factor_value(self) -> float:
         """``factor`` as a Python float; read from the device only when the buffer changed outside
         :meth:`set_factor` (a CUDA buffer read would stall the stream at every call)."""
-        host = getattr(self, "_factor_host", None)  # absent in modules pickled before it existed
-        if host is None or host[0] is not self.factor or host[1] != self.factor._version:
-            host = self._factor_host = (self.factor, self.factor._version, float(self.factor))
+        host = self.__dict__.get("_factor_host")  # absent in modules pickled before it existed
+        factor = self._buffers["factor"]
+        if host is None or host[0] is not factor or host[1] != factor._version:
+            host = self._factor_host = (factor, factor._version, float(factor))
         return host[2]
 
     @property
@@ -100,17 +102,28 @@ class DropBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Drop blocks of ``x`` in training mode; return ``x`` itself otherwise."""
-        target = self.target_rate
+        target = self.drop_prob * self.gamma_scale
         if not self.training or target == 0.0:
             return x
-        geom = block_geometry(tuple(x.shape[2:]), _block_for(x, _as_block_tuple(self.block_size)), self.seed_region)
         if torch.compiler.is_compiling():
             rate = self.factor * target
+            geom = self._geometry(x)
             return drop_block_traceable(x, rate, geom, self.shared_channels, self.gamma, max_rate=target)
         rate = target * self.factor_value
         if rate <= 0.0:
             return x
-        return drop_block_eager(x, rate, geom, self.shared_channels, self.gamma, None, self.inplace)
+        return drop_block_eager(x, rate, self._eager_geometry(x), self.shared_channels, self.gamma, None, self.inplace)
+
+    def _geometry(self, x: torch.Tensor) -> BlockGeometry:
+        return block_geometry(tuple(x.shape[2:]), _block_for(x, _as_block_tuple(self.block_size)), self.seed_region)
+
+    def _eager_geometry(self, x: torch.Tensor) -> BlockGeometry:
+        """:meth:`_geometry`, remembered for the last input shape (a site sees one shape per step)."""
+        key = (x.shape, self.block_size, self.seed_region)
+        last = self.__dict__.get("_last_geometry")
+        if last is None or last[0] != key:
+            last = self._last_geometry = (key, self._geometry(x))
+        return last[1]
 
     def extra_repr(self) -> str:
         text = f"drop_prob={self.drop_prob}, block_size={self.block_size}"
