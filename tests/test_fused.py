@@ -8,6 +8,7 @@ on CPU with the reason stated.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -161,6 +162,16 @@ def test_seeds_follow_torch_manual_seed_and_fit_int32() -> None:
     assert len(set(first)) == 50 and all(0 <= s < 2**31 - 1 for s in first)  # Triton types them int32
     gen = torch.Generator().manual_seed(4)
     assert fused._draw_seed(gen) == fused._draw_seed(torch.Generator().manual_seed(4))
+
+
+def test_launches_go_to_the_inputs_gpu(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert isinstance(fused._on_device_of(torch.empty(2)), contextlib.nullcontext)  # not CUDA
+    fake = type("Fake", (), {"device": torch.device("cuda", 1)})()
+    guard = fused._on_device_of(fake)
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    fake.device = torch.device("cuda", 0)
+    assert isinstance(fused._on_device_of(fake), contextlib.nullcontext)
 
 
 def test_apply_tiles() -> None:

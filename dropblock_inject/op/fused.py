@@ -24,6 +24,7 @@ ATen path of :mod:`dropblock_inject.op.functional`. ``DROPBLOCK_INJECT_FUSED=0``
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -116,13 +117,23 @@ def _capturing(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+def _on_device_of(x: torch.Tensor) -> contextlib.AbstractContextManager[object]:
+    """Make ``x``'s GPU the current device while launching: Triton launches on the current device's
+    stream (torch's own ops follow their tensors), so a model on ``cuda:1`` needs no ``set_device``."""
+    index = x.device.index
+    if x.device.type != "cuda" or index is None or index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(index)
+
+
 class _FusedDropBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gamma, geom, generator, inplace):
         launch = _launch_for(tuple(x.shape), geom, _kernel_set())
-        words, count = launch.draw(gamma, _draw_seed(generator), x.device)
         out = x if inplace else torch.empty_like(x)
-        launch.apply(x, out, words, count)
+        with _on_device_of(x):
+            words, count = launch.draw(gamma, _draw_seed(generator), x.device)
+            launch.apply(x, out, words, count)
         ctx.launch = launch
         ctx.save_for_backward(words, count)
         if inplace:
@@ -135,7 +146,8 @@ class _FusedDropBlock(torch.autograd.Function):
         if not is_dense(grad):
             grad = grad.contiguous()
         out = torch.empty_like(grad)
-        ctx.launch.apply(grad, out, words, count)
+        with _on_device_of(grad):
+            ctx.launch.apply(grad, out, words, count)
         return out, None, None, None, None
 
 
