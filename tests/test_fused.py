@@ -147,6 +147,46 @@ class TestFusedSeeds:
         assert torch.equal(leaf.grad == 0, y.detach() == 0)
 
 
+class TestFusedCompiled:
+    """``DROPBLOCK_INJECT_FUSED_COMPILED=1``: the kernels as a custom op inside a compiled graph."""
+
+    def test_the_custom_op_passes_opcheck(self, device, kernels) -> None:
+        x = torch.randn(2, 8, 14, 14, device=device, requires_grad=True)
+        threshold = torch.tensor([fused.seed_threshold(0.05)], device=device)
+        seed = torch.tensor([123], device=device)
+        args = (x, threshold, seed, [7, 7], kernels)
+        torch.library.opcheck(torch.ops.dropblock_inject.fused_drop_block.default, args)
+
+    def test_a_compiled_graph_runs_it_and_never_recompiles_for_the_rate(self, device, kernels, monkeypatch) -> None:
+        from torch._dynamo.testing import CompileCounterWithBackend
+
+        from dropblock_inject.op.traceable import drop_block_traceable
+
+        monkeypatch.setattr(fused, "COMPILED", True)
+        monkeypatch.setattr(fused, "_COMPILED_DEVICE", device)
+        draws = []
+        draw = fused._Launch.draw
+        monkeypatch.setattr(fused._Launch, "draw", lambda self, t, s, d: draws.append(type(s)) or draw(self, t, s, d))
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend("inductor")
+        geom = block_geometry((14, 14), (7, 7))
+        fn = torch.compile(
+            lambda x, r: drop_block_traceable(x, r, geom, False, "paper", max_rate=0.3), backend=counter, fullgraph=True
+        )
+        x = torch.randn(2, 8, 14, 14, device=device, requires_grad=True)
+        for rate in (0.3, 0.2, 0.3):
+            y = fn(x, torch.tensor(rate, device=device))
+            assert_drop_block(x.detach(), y.detach(), geom.block)
+            grad = torch.randn_like(y)
+            (dx,) = torch.autograd.grad(y, x, grad)
+            scale = (y.detach() / x.detach()).masked_fill(y == 0, 0.0).max().item()
+            torch.testing.assert_close(dx, torch.where(y == 0, 0.0, grad * scale), rtol=1e-6, atol=0.0)
+        assert counter.frame_count == 1  # one compilation for every rate
+        assert draws == [torch.Tensor] * 3  # the fused op ran, its seed drawn in the graph
+        a, b = (fn(x, torch.tensor(0.3, device=device)) for _ in range(2))
+        assert not torch.equal(a, b)  # a new seed at every call
+
+
 def test_cuda_graph_capture_is_refused(monkeypatch) -> None:
     monkeypatch.setattr(fused, "_capturing", lambda x: True)
     x = torch.randn(2, 4, 14, 14)
@@ -214,7 +254,7 @@ def test_kernels_under_the_interpreter() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     tests = Path(__file__).resolve().parent
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", str(tests / "test_fused.py")]
-    cmd += ["-k", "TestFusedKernels or TestFusedSeeds"]
+    cmd += ["-k", "TestFusedKernels or TestFusedSeeds or TestFusedCompiled"]
     done = subprocess.run(cmd, env=env, cwd=tests.parent, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1]
@@ -251,6 +291,15 @@ class TestFusedOnCuda:
             m(x).sum().backward()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+    def test_compiled_with_cuda_graphs_draws_new_blocks_at_every_replay(self, monkeypatch, kernels) -> None:
+        monkeypatch.setattr(fused, "COMPILED", True)
+        torch._dynamo.reset()
+        fn = torch.compile(dbi.DropBlock(0.2, 7).cuda().train(), mode="reduce-overhead", fullgraph=True)
+        x = torch.randn(8, 64, 14, 14, device="cuda")
+        outs = [fn(x).clone() for _ in range(4)]  # the later calls replay a CUDA graph
+        assert not torch.equal(outs[2], outs[3])
+        assert all(is_union_of_blocks((o == 0).flatten(0, 1).float(), (7, 7)) for o in outs)
 
     def test_drop_block_dispatches_to_the_fused_kernels(self) -> None:
         x = torch.randn(4, 32, 14, 14, device="cuda", requires_grad=True)

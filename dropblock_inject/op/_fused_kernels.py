@@ -82,8 +82,15 @@ def _seed_words(seed, threshold, planes, n_planes, SH: tl.constexpr, SW: tl.cons
 @triton.jit(do_not_specialize=["seed", "threshold"])
 def seed_kernel(words_ptr, count_ptr, seed, threshold, n_planes, H: tl.constexpr, SH: tl.constexpr,
                 SW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BP: tl.constexpr, H_P2: tl.constexpr,
-                SH_P2: tl.constexpr, SW_P4: tl.constexpr):  # fmt: skip
-    """Draw the seeds of ``BP`` planes, store one word per seed row, add the dropped units to the count."""
+                SH_P2: tl.constexpr, SW_P4: tl.constexpr, IN_MEMORY: tl.constexpr):  # fmt: skip
+    """Draw the seeds of ``BP`` planes, store one word per seed row, add the dropped units to the count.
+
+    ``seed`` and ``threshold`` are integers, or with ``IN_MEMORY`` pointers to one int64 each
+    (drawn and worked out on the device: what a compiled graph passes).
+    """
+    if IN_MEMORY:
+        seed = tl.load(seed)
+        threshold = tl.load(threshold)
     planes = tl.program_id(0) * BP + tl.arange(0, BP)
     i = tl.arange(0, SH_P2)
     words = _seed_words(seed, threshold, planes, n_planes, SH, SW, SH_P2, SW_P4)
@@ -97,10 +104,15 @@ def seed_kernel(words_ptr, count_ptr, seed, threshold, n_planes, H: tl.constexpr
 @triton.jit(do_not_specialize=["seed", "threshold"])
 def seed_rows_kernel(rows_ptr, count_ptr, seed, threshold, n_planes, H: tl.constexpr, SH: tl.constexpr,
                      SW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BP: tl.constexpr, H_P2: tl.constexpr,
-                     SH_P2: tl.constexpr, SW_P4: tl.constexpr, WIDE: tl.constexpr):  # fmt: skip
+                     SH_P2: tl.constexpr, SW_P4: tl.constexpr, IN_MEMORY: tl.constexpr,
+                     WIDE: tl.constexpr):  # fmt: skip
     """The seeds of ``BP`` planes (the draws of :func:`seed_kernel`), stored as the dropped columns of
     every output row (one word per row, for :func:`apply_flat_kernel`); the dropped units are added
-    to the count. Rows up to 32 wide are worked in 32 bits (``WIDE`` is False)."""
+    to the count. Rows up to 32 wide are worked in 32 bits (``WIDE`` is False). ``IN_MEMORY``: as
+    for :func:`seed_kernel`."""
+    if IN_MEMORY:
+        seed = tl.load(seed)
+        threshold = tl.load(threshold)
     planes = tl.program_id(0) * BP + tl.arange(0, BP)
     i = tl.arange(0, SH_P2)
     words = _seed_words(seed, threshold, planes, n_planes, SH, SW, SH_P2, SW_P4)

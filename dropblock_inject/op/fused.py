@@ -18,6 +18,12 @@ same seeds but stores each output row's dropped columns (``seed_rows_kernel``), 
 columns) and one cached word per row. It is tested (under Triton's interpreter) to give the very
 output of the default pair; it has not been timed on a GPU yet, so ``"tiles"`` stays the default.
 
+Under ``torch.compile`` the model runs the traceable op (:mod:`~dropblock_inject.op.traceable`);
+with ``DROPBLOCK_INJECT_FUSED_COMPILED=1`` (``COMPILED``) a CUDA graph calls these kernels instead,
+as the custom op ``dropblock_inject::fused_drop_block`` (seed and threshold computed in the graph,
+so no recompilation when the rate changes, and CUDA graphs draw new blocks at every replay). Not
+timed on a GPU yet, so off by default.
+
 A plane's rows must fit one word and its rows one tile (``H, W <= 64``); other inputs take the
 ATen path of :mod:`dropblock_inject.op.functional`. ``DROPBLOCK_INJECT_FUSED=0`` turns this off.
 """
@@ -29,10 +35,11 @@ import functools
 import math
 import os
 import threading
+from collections.abc import Sequence
 
 import torch
 
-from dropblock_inject.op.geometry import BlockGeometry
+from dropblock_inject.op.geometry import BlockGeometry, block_geometry
 from dropblock_inject.op.layout import is_dense
 
 WORD_BITS = 64
@@ -44,16 +51,26 @@ CHANNELS_LAST_PLANES = 8  # channels_last: channels per apply tile at least (adj
 KERNEL_SETS = ("tiles", "flat")  # seed words + tiled apply (measured); row words + storage-order apply
 KERNELS = os.environ.get("DROPBLOCK_INJECT_FUSED_KERNELS", "tiles")
 FLAT_BLOCK = 2048  # units per program of apply_flat_kernel
+# torch.compile on CUDA: the fused kernels as a custom op instead of the traceable op (not timed on a GPU yet)
+COMPILED = os.environ.get("DROPBLOCK_INJECT_FUSED_COMPILED", "0") == "1"
+_COMPILED_DEVICE = "cuda"  # the tests run it on CPU tensors under Triton's interpreter
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_POSITIONS = 2**30  # seed positions per call (Philox offsets are 32-bit)
 _MAX_NUMEL = 2**31  # units per call (apply_flat_kernel indexes in 32 bits)
 
 
-@functools.cache
+@torch.compiler.assume_constant_result  # a compiled graph takes the answer as a constant
 def triton_available() -> bool:
-    """True when Triton imports and ``DROPBLOCK_INJECT_FUSED`` is not ``0``."""
-    if os.environ.get("DROPBLOCK_INJECT_FUSED", "1") == "0":
-        return False
+    """True when Triton imports and ``DROPBLOCK_INJECT_FUSED`` is not ``0`` (found out once)."""
+    if not _TRITON_AVAILABLE:
+        _TRITON_AVAILABLE.append(os.environ.get("DROPBLOCK_INJECT_FUSED", "1") != "0" and _triton_imports())
+    return _TRITON_AVAILABLE[0]
+
+
+_TRITON_AVAILABLE: list[bool] = []  # not functools.cache: Dynamo warns when it traces through one
+
+
+def _triton_imports() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -113,6 +130,91 @@ def fused_drop_block(
     return _FusedDropBlock.apply(x, gamma, geom, generator, inplace)
 
 
+def compiled_eligible(x: torch.Tensor, geom: BlockGeometry, shared: bool, generator: torch.Generator | None) -> bool:
+    """Whether a compiled graph runs :func:`fused_drop_block_traceable` for ``x`` (``COMPILED`` on)."""
+    return COMPILED and generator is None and fused_eligible(x, geom, shared, device_type=_COMPILED_DEVICE)
+
+
+def fused_drop_block_traceable(x: torch.Tensor, gamma: float | torch.Tensor, geom: BlockGeometry) -> torch.Tensor:
+    """The fused kernels inside a ``torch.compile`` graph, as one custom op (no graph break).
+
+    The seed is drawn by the graph's own random generator and the threshold worked out from a
+    tensor ``gamma`` on the device, so a schedule that changes the rate recompiles nothing and a
+    CUDA graph (``mode="reduce-overhead"``) draws new blocks at every replay.
+
+    Args:
+        x: As for :func:`fused_drop_block`.
+        gamma: Seed rate on the valid region (a float or a 0-d tensor).
+        geom: The block geometry of ``x``'s spatial size.
+
+    Returns:
+        ``x * keep * numel / kept``, a new tensor in ``x``'s dtype and memory format.
+    """
+    gamma = torch.as_tensor(gamma, dtype=torch.float64, device=x.device)
+    threshold = (gamma.clamp(0.0, 1.0) * 2.0**32).round().to(torch.int64).reshape(1)
+    seed = torch.randint(0, 2**31 - 1, (1,), device=x.device)
+    # the kernel set is an argument, not read inside: it fixes the words' size, which a cached
+    # compiled graph (in this process or on disk) must not take from another setting
+    return torch.ops.dropblock_inject.fused_drop_block(x, threshold, seed, list(geom.block), _kernel_set())[0]
+
+
+def _op_launch(x: torch.Tensor, block: Sequence[int], kernels: str) -> tuple[torch.Tensor, _Launch]:
+    x = x if is_dense(x) else x.contiguous()
+    geom = block_geometry(tuple(x.shape[2:]), tuple(block))
+    return x, _launch_for(tuple(x.shape), geom, kernels)
+
+
+@torch.library.custom_op("dropblock_inject::fused_drop_block", mutates_args=())
+def _fused_op(
+    x: torch.Tensor, threshold: torch.Tensor, seed: torch.Tensor, block: Sequence[int], kernels: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x, launch = _op_launch(x, block, kernels)
+    out = torch.empty_like(x)
+    with _on_device_of(x):
+        words, count = launch.draw(threshold, seed, x.device)
+        launch.apply(x, out, words, count)
+    return out, words, count
+
+
+@_fused_op.register_fake
+def _(x: torch.Tensor, threshold: torch.Tensor, seed: torch.Tensor, block: Sequence[int], kernels: str):
+    # the planes may be symbolic (dynamic shapes); the map size fixes the kernels, so it is not
+    x = x if is_dense(x) else x.contiguous()
+    spatial = (int(x.shape[2]), int(x.shape[3]))
+    per_plane, dtype = _stored_words(block_geometry(spatial, tuple(int(k) for k in block)), kernels)
+    words = x.new_empty(x.shape[0] * x.shape[1] * per_plane, dtype=dtype)
+    return torch.empty_like(x), words, x.new_empty(1, dtype=torch.int64)
+
+
+@torch.library.custom_op("dropblock_inject::fused_drop_block_backward", mutates_args=())
+def _fused_backward_op(
+    grad: torch.Tensor, words: torch.Tensor, count: torch.Tensor, block: Sequence[int], kernels: str
+) -> torch.Tensor:
+    grad, launch = _op_launch(grad, block, kernels)
+    out = torch.empty_like(grad)
+    with _on_device_of(grad):
+        launch.apply(grad, out, words, count)
+    return out
+
+
+@_fused_backward_op.register_fake
+def _(grad: torch.Tensor, words: torch.Tensor, count: torch.Tensor, block: Sequence[int], kernels: str) -> torch.Tensor:
+    return torch.empty_like(grad if is_dense(grad) else grad.contiguous())
+
+
+def _setup_backward(ctx, inputs: tuple, output: tuple) -> None:
+    ctx.block, ctx.kernels = inputs[3], inputs[4]
+    ctx.save_for_backward(output[1], output[2])
+
+
+def _backward(ctx, grad: torch.Tensor, _words: torch.Tensor, _count: torch.Tensor) -> tuple:
+    words, count = ctx.saved_tensors
+    return _fused_backward_op(grad, words, count, ctx.block, ctx.kernels), None, None, None, None
+
+
+_fused_op.register_autograd(_backward, setup_context=_setup_backward)
+
+
 def _capturing(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
@@ -132,7 +234,7 @@ class _FusedDropBlock(torch.autograd.Function):
         launch = _launch_for(tuple(x.shape), geom, _kernel_set())
         out = x if inplace else torch.empty_like(x)
         with _on_device_of(x):
-            words, count = launch.draw(gamma, _draw_seed(generator), x.device)
+            words, count = launch.draw(seed_threshold(gamma), _draw_seed(generator), x.device)
             launch.apply(x, out, words, count)
         ctx.launch = launch
         ctx.save_for_backward(words, count)
@@ -149,6 +251,11 @@ class _FusedDropBlock(torch.autograd.Function):
         with _on_device_of(grad):
             ctx.launch.apply(grad, out, words, count)
         return out, None, None, None, None
+
+
+def seed_threshold(gamma: float) -> int:
+    """A seed position is a seed when its 32-bit Philox draw is below ``round(gamma * 2**32)``."""
+    return round(min(max(gamma, 0.0), 1.0) * 2**32)
 
 
 _SEED_BUFFERS = threading.local()  # a 0-d CPU int64 per thread, refilled by each draw
@@ -177,6 +284,14 @@ def _kernel_set() -> str:
     return KERNELS
 
 
+def _stored_words(geom: BlockGeometry, kernels: str) -> tuple[int, torch.dtype]:
+    """Words per plane that a seed kernel stores, and their dtype: one per seed row (``tiles``) or
+    one per output row (``flat``), of the fewest bits that hold the row's columns."""
+    (h, w), (sh, sw) = geom.spatial, geom.seed_grid
+    rows, bits = (h, w) if kernels == "flat" else (sh, sw)
+    return rows, _WORD_DTYPES[next(b for b in _WORD_DTYPES if b >= bits)]
+
+
 @functools.lru_cache(maxsize=256)
 def _launch_for(shape: tuple[int, ...], geom: BlockGeometry, kernels: str = "tiles") -> _Launch:
     return _Launch(shape, geom, kernels)
@@ -197,9 +312,7 @@ class _Launch:
         n, c, h, w = shape
         (sh, sw), (kh, kw) = geom.seed_grid, geom.block
         self.n_planes, self.numel, self.flat = n * c, math.prod(shape), kernels == "flat"
-        # the stored words: one per seed row (tiles) or one per output row (flat)
-        self.word_dtype = _WORD_DTYPES[next(bits for bits in _WORD_DTYPES if bits >= (w if self.flat else sw))]
-        self.words_per_plane = h if self.flat else sh
+        self.words_per_plane, self.word_dtype = _stored_words(geom, kernels)
         self.wide = w > 32  # flat: rows up to 32 wide are worked in 32 bits
         h_p2, sh_p2 = _pow2(h), _pow2(sh)
         seed_bp = max(1, SEED_TILE // (h_p2 * sh_p2))
@@ -211,18 +324,21 @@ class _Launch:
         self.apply_warps = APPLY_WARPS
         self._compiled: dict[tuple, object] = {}
 
-    def draw(self, gamma: float, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def draw(
+        self, threshold: int | torch.Tensor, seed: int | torch.Tensor, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored words (per seed row, or per output row for ``flat``) and the dropped count
-        (1-element int64)."""
+        (1-element int64), for a seed ``threshold`` (:func:`seed_threshold`) and a Philox seed: two
+        integers, or two 1-element int64 tensors on the device (a compiled graph's)."""
         words = torch.empty(self.n_planes * self.words_per_plane, dtype=self.word_dtype, device=device)
         count = torch.zeros(1, dtype=torch.int64, device=device)
-        threshold = round(min(max(gamma, 0.0), 1.0) * 2**32)
+        in_memory = isinstance(seed, torch.Tensor)
         args = (words, count, seed, threshold, self.n_planes)
+        consts = {**self.seed_consts, "IN_MEMORY": in_memory}
         if self.flat:
-            consts = {**self.seed_consts, "WIDE": self.wide}
-            self._launch("seed_rows_kernel", self.seed_grid, ("seed_rows", device.index), args, consts, {})
-        else:
-            self._launch("seed_kernel", self.seed_grid, ("seed", device.index), args, self.seed_consts, {})
+            consts["WIDE"] = self.wide
+        name = "seed_rows_kernel" if self.flat else "seed_kernel"
+        self._launch(name, self.seed_grid, (name, device.index, in_memory), args, consts, {})
         return words, count
 
     def apply(self, src: torch.Tensor, out: torch.Tensor, words: torch.Tensor, count: torch.Tensor) -> None:
