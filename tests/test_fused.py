@@ -19,7 +19,7 @@ import torch
 
 import dropblock_inject as dbi
 from conftest import is_union_of_blocks
-from dropblock_inject.op import fused
+from dropblock_inject.op import fused, fused_compiled
 from dropblock_inject.op.fused import _FusedDropBlock, fused_drop_block, fused_eligible, triton_available
 from dropblock_inject.op.geometry import block_geometry
 
@@ -162,8 +162,8 @@ class TestFusedCompiled:
 
         from dropblock_inject.op.traceable import drop_block_traceable
 
-        monkeypatch.setattr(fused, "COMPILED", True)
-        monkeypatch.setattr(fused, "_COMPILED_DEVICE", device)
+        monkeypatch.setattr(fused_compiled, "COMPILED", True)
+        monkeypatch.setattr(fused_compiled, "_COMPILED_DEVICE", device)
         draws = []
         draw = fused._Launch.draw
         monkeypatch.setattr(fused._Launch, "draw", lambda self, t, s, d: draws.append(type(s)) or draw(self, t, s, d))
@@ -293,7 +293,7 @@ class TestFusedOnCuda:
             torch.cuda.set_sync_debug_mode("default")
 
     def test_compiled_with_cuda_graphs_draws_new_blocks_at_every_replay(self, monkeypatch, kernels) -> None:
-        monkeypatch.setattr(fused, "COMPILED", True)
+        monkeypatch.setattr(fused_compiled, "COMPILED", True)
         torch._dynamo.reset()
         fn = torch.compile(dbi.DropBlock(0.2, 7).cuda().train(), mode="reduce-overhead", fullgraph=True)
         x = torch.randn(8, 64, 14, 14, device="cuda")

@@ -18,11 +18,9 @@ same seeds but stores each output row's dropped columns (``seed_rows_kernel``), 
 columns) and one cached word per row. It is tested (under Triton's interpreter) to give the very
 output of the default pair; it has not been timed on a GPU yet, so ``"tiles"`` stays the default.
 
-Under ``torch.compile`` the model runs the traceable op (:mod:`~dropblock_inject.op.traceable`);
-with ``DROPBLOCK_INJECT_FUSED_COMPILED=1`` (``COMPILED``) a CUDA graph calls these kernels instead,
-as the custom op ``dropblock_inject::fused_drop_block`` (seed and threshold computed in the graph,
-so no recompilation when the rate changes, and CUDA graphs draw new blocks at every replay). Not
-timed on a GPU yet, so off by default.
+Under ``torch.compile`` the model runs the traceable op (:mod:`~dropblock_inject.op.traceable`),
+or with ``DROPBLOCK_INJECT_FUSED_COMPILED=1`` these kernels as a custom op
+(:mod:`~dropblock_inject.op.fused_compiled`).
 
 A plane's rows must fit one word and its rows one tile (``H, W <= 64``); other inputs take the
 ATen path of :mod:`dropblock_inject.op.functional`. ``DROPBLOCK_INJECT_FUSED=0`` turns this off.
@@ -35,12 +33,11 @@ import functools
 import math
 import os
 import threading
-from collections.abc import Sequence
 
 import torch
 
-from dropblock_inject.op.geometry import BlockGeometry, block_geometry
-from dropblock_inject.op.layout import is_dense
+from dropblock_inject.op.geometry import BlockGeometry
+from dropblock_inject.op.layout import as_dense, is_dense
 
 WORD_BITS = 64
 TILE_UNITS = 2048  # units of the input per program of the apply kernel
@@ -51,9 +48,6 @@ CHANNELS_LAST_PLANES = 8  # channels_last: channels per apply tile at least (adj
 KERNEL_SETS = ("tiles", "flat")  # seed words + tiled apply (measured); row words + storage-order apply
 KERNELS = os.environ.get("DROPBLOCK_INJECT_FUSED_KERNELS", "tiles")
 FLAT_BLOCK = 2048  # units per program of apply_flat_kernel
-# torch.compile on CUDA: the fused kernels as a custom op instead of the traceable op (not timed on a GPU yet)
-COMPILED = os.environ.get("DROPBLOCK_INJECT_FUSED_COMPILED", "0") == "1"
-_COMPILED_DEVICE = "cuda"  # the tests run it on CPU tensors under Triton's interpreter
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_POSITIONS = 2**30  # seed positions per call (Philox offsets are 32-bit)
 _MAX_NUMEL = 2**31  # units per call (apply_flat_kernel indexes in 32 bits)
@@ -130,91 +124,6 @@ def fused_drop_block(
     return _FusedDropBlock.apply(x, gamma, geom, generator, inplace)
 
 
-def compiled_eligible(x: torch.Tensor, geom: BlockGeometry, shared: bool, generator: torch.Generator | None) -> bool:
-    """Whether a compiled graph runs :func:`fused_drop_block_traceable` for ``x`` (``COMPILED`` on)."""
-    return COMPILED and generator is None and fused_eligible(x, geom, shared, device_type=_COMPILED_DEVICE)
-
-
-def fused_drop_block_traceable(x: torch.Tensor, gamma: float | torch.Tensor, geom: BlockGeometry) -> torch.Tensor:
-    """The fused kernels inside a ``torch.compile`` graph, as one custom op (no graph break).
-
-    The seed is drawn by the graph's own random generator and the threshold worked out from a
-    tensor ``gamma`` on the device, so a schedule that changes the rate recompiles nothing and a
-    CUDA graph (``mode="reduce-overhead"``) draws new blocks at every replay.
-
-    Args:
-        x: As for :func:`fused_drop_block`.
-        gamma: Seed rate on the valid region (a float or a 0-d tensor).
-        geom: The block geometry of ``x``'s spatial size.
-
-    Returns:
-        ``x * keep * numel / kept``, a new tensor in ``x``'s dtype and memory format.
-    """
-    gamma = torch.as_tensor(gamma, dtype=torch.float64, device=x.device)
-    threshold = (gamma.clamp(0.0, 1.0) * 2.0**32).round().to(torch.int64).reshape(1)
-    seed = torch.randint(0, 2**31 - 1, (1,), device=x.device)
-    # the kernel set is an argument, not read inside: it fixes the words' size, which a cached
-    # compiled graph (in this process or on disk) must not take from another setting
-    return torch.ops.dropblock_inject.fused_drop_block(x, threshold, seed, list(geom.block), _kernel_set())[0]
-
-
-def _op_launch(x: torch.Tensor, block: Sequence[int], kernels: str) -> tuple[torch.Tensor, _Launch]:
-    x = x if is_dense(x) else x.contiguous()
-    geom = block_geometry(tuple(x.shape[2:]), tuple(block))
-    return x, _launch_for(tuple(x.shape), geom, kernels)
-
-
-@torch.library.custom_op("dropblock_inject::fused_drop_block", mutates_args=())
-def _fused_op(
-    x: torch.Tensor, threshold: torch.Tensor, seed: torch.Tensor, block: Sequence[int], kernels: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    x, launch = _op_launch(x, block, kernels)
-    out = torch.empty_like(x)
-    with _on_device_of(x):
-        words, count = launch.draw(threshold, seed, x.device)
-        launch.apply(x, out, words, count)
-    return out, words, count
-
-
-@_fused_op.register_fake
-def _(x: torch.Tensor, threshold: torch.Tensor, seed: torch.Tensor, block: Sequence[int], kernels: str):
-    # the planes may be symbolic (dynamic shapes); the map size fixes the kernels, so it is not
-    x = x if is_dense(x) else x.contiguous()
-    spatial = (int(x.shape[2]), int(x.shape[3]))
-    per_plane, dtype = _stored_words(block_geometry(spatial, tuple(int(k) for k in block)), kernels)
-    words = x.new_empty(x.shape[0] * x.shape[1] * per_plane, dtype=dtype)
-    return torch.empty_like(x), words, x.new_empty(1, dtype=torch.int64)
-
-
-@torch.library.custom_op("dropblock_inject::fused_drop_block_backward", mutates_args=())
-def _fused_backward_op(
-    grad: torch.Tensor, words: torch.Tensor, count: torch.Tensor, block: Sequence[int], kernels: str
-) -> torch.Tensor:
-    grad, launch = _op_launch(grad, block, kernels)
-    out = torch.empty_like(grad)
-    with _on_device_of(grad):
-        launch.apply(grad, out, words, count)
-    return out
-
-
-@_fused_backward_op.register_fake
-def _(grad: torch.Tensor, words: torch.Tensor, count: torch.Tensor, block: Sequence[int], kernels: str) -> torch.Tensor:
-    return torch.empty_like(grad if is_dense(grad) else grad.contiguous())
-
-
-def _setup_backward(ctx, inputs: tuple, output: tuple) -> None:
-    ctx.block, ctx.kernels = inputs[3], inputs[4]
-    ctx.save_for_backward(output[1], output[2])
-
-
-def _backward(ctx, grad: torch.Tensor, _words: torch.Tensor, _count: torch.Tensor) -> tuple:
-    words, count = ctx.saved_tensors
-    return _fused_backward_op(grad, words, count, ctx.block, ctx.kernels), None, None, None, None
-
-
-_fused_op.register_autograd(_backward, setup_context=_setup_backward)
-
-
 def _capturing(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
@@ -233,9 +142,7 @@ class _FusedDropBlock(torch.autograd.Function):
     def forward(ctx, x, gamma, geom, generator, inplace):
         launch = _launch_for(tuple(x.shape), geom, _kernel_set())
         out = x if inplace else torch.empty_like(x)
-        with _on_device_of(x):
-            words, count = launch.draw(seed_threshold(gamma), _draw_seed(generator), x.device)
-            launch.apply(x, out, words, count)
+        words, count = launch.run(x, out, seed_threshold(gamma), _draw_seed(generator))
         ctx.launch = launch
         ctx.save_for_backward(words, count)
         if inplace:
@@ -245,12 +152,7 @@ class _FusedDropBlock(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         words, count = ctx.saved_tensors
-        if not is_dense(grad):
-            grad = grad.contiguous()
-        out = torch.empty_like(grad)
-        with _on_device_of(grad):
-            ctx.launch.apply(grad, out, words, count)
-        return out, None, None, None, None
+        return ctx.launch.run_backward(grad, words, count), None, None, None, None
 
 
 def seed_threshold(gamma: float) -> int:
@@ -323,6 +225,24 @@ class _Launch:
         self._apply_tilings: dict[bool, tuple[tuple[int, int, int], dict]] = {}
         self.apply_warps = APPLY_WARPS
         self._compiled: dict[tuple, object] = {}
+
+    def run(
+        self, x: torch.Tensor, out: torch.Tensor, threshold: int | torch.Tensor, seed: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both launches of a forward call on ``x``'s GPU (``out`` may be ``x``); returns what
+        backward needs: the stored words and the count (see :meth:`draw`)."""
+        with _on_device_of(x):
+            words, count = self.draw(threshold, seed, x.device)
+            self.apply(x, out, words, count)
+        return words, count
+
+    def run_backward(self, grad: torch.Tensor, words: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """The gradient of a forward call: ``grad * keep * numel / kept`` in a new tensor."""
+        grad = as_dense(grad)
+        out = torch.empty_like(grad)
+        with _on_device_of(grad):
+            self.apply(grad, out, words, count)
+        return out
 
     def draw(
         self, threshold: int | torch.Tensor, seed: int | torch.Tensor, device: torch.device

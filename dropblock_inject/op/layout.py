@@ -23,6 +23,11 @@ def is_dense(t: torch.Tensor) -> bool:
     return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
 
 
+def as_dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when :func:`is_dense`, else a contiguous copy."""
+    return t if is_dense(t) else t.contiguous()
+
+
 def seed_batch(x: torch.Tensor, geom: BlockGeometry, shared: bool) -> tuple[tuple[int, int], int]:
     """``((N, C'), number of seed positions)``; ``C' = 1`` when the mask is shared across channels."""
     batch = (x.shape[0], 1 if shared else x.shape[1])

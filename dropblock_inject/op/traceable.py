@@ -37,9 +37,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dropblock_inject.op.fused import compiled_eligible, fused_drop_block_traceable
+from dropblock_inject.op.fused_compiled import compiled_eligible, fused_drop_block_traceable
 from dropblock_inject.op.geometry import BlockGeometry, max_seeds
-from dropblock_inject.op.layout import contiguous_strides, is_dense, rescale, seed_batch
+from dropblock_inject.op.layout import as_dense, contiguous_strides, rescale, seed_batch
 from dropblock_inject.op.sampling import block_rows, row_units, sample_seed_gaps
 
 __all__ = ["MAX_WORD_BITS", "drop_block_traceable", "keep_mask", "lane_factor", "lane_group", "seed_rate_tensor"]
@@ -92,8 +92,7 @@ def drop_block_traceable(
     seed_rate = seed_rate_tensor(geom, rate, gamma) if isinstance(rate, torch.Tensor) else geom.seed_rate(rate, gamma)
     if compiled_eligible(x, geom, shared_channels, generator):  # CUDA, DROPBLOCK_INJECT_FUSED_COMPILED=1
         return fused_drop_block_traceable(x, seed_rate, geom)
-    if not is_dense(x):
-        x = x.contiguous()
+    x = as_dense(x)
     batch, num_pos = seed_batch(x, geom, shared_channels)
     num_draws = max_seeds(num_pos, geom.seed_rate(max_rate, gamma))
     pos = sample_seed_gaps(num_draws, seed_rate, device=x.device, generator=generator)
