@@ -85,8 +85,8 @@ def case(shape, block, p=0.1, channels_last=False, dtype=torch.float32, others=F
     gamma = geom.paper_gamma(p)
     fns = {
         "x*2": lambda: x * 2.0,
-        "fused": lambda: fused.fused_drop_block(x, gamma, geom, allow_capture=True),
-        "fused flat": with_kernels("flat", lambda: fused.fused_drop_block(x, gamma, geom, allow_capture=True)),
+        "fused": lambda: fused.fused_drop_block(x, gamma, geom, host_seed_in_capture=True),
+        "fused flat": with_kernels("flat", lambda: fused.fused_drop_block(x, gamma, geom, host_seed_in_capture=True)),
         "aten": lambda: _DropBlockFunction.apply(x, p, geom, False, "paper", None, False),
     }
     if others:
@@ -117,7 +117,7 @@ def knobs() -> None:
                                         ("flat", 2048, 4, 512)]:  # fmt: skip
         fused.FLAT_BLOCK, fused.APPLY_WARPS, fused.SEED_TILE = block or saved[0], warps, tile
         fused._launch_for.cache_clear()
-        fn = with_kernels(kernels, lambda: fused.fused_drop_block(x, gamma, geom, allow_capture=True))
+        fn = with_kernels(kernels, lambda: fused.fused_drop_block(x, gamma, geom, host_seed_in_capture=True))
         t = graph_time(fn)
         print(f"knobs {kernels:5s} FLAT_BLOCK {block:5d} APPLY_WARPS {warps} SEED_TILE {tile:5d}: "
               f"graph {t:7.1f} us {t / floor:5.2f}x x*2", flush=True)  # fmt: skip

@@ -138,6 +138,22 @@ class TestFusedSeeds:
         c = fused_drop_block(x, 0.02, geom, generator=torch.Generator().manual_seed(8))
         assert torch.equal(a, b) and not torch.equal(a, c)
 
+    def test_under_capture_the_seed_is_drawn_on_the_device(self, device, monkeypatch, kernels) -> None:
+        monkeypatch.setattr(fused, "_capturing", lambda x: True)  # what CUDA graph capture sees
+        x = torch.randn(2, 16, 14, 14, device=device)
+        geom = block_geometry((14, 14), (7, 7))
+        draws = []
+        draw = fused._Launch.draw
+        monkeypatch.setattr(fused._Launch, "draw", lambda self, t, s, d: draws.append(s.device) or draw(self, t, s, d))
+        torch.manual_seed(3)
+        a = fused_drop_block(x, 0.05, geom)
+        torch.manual_seed(3)
+        b = fused_drop_block(x, 0.05, geom)
+        c = fused_drop_block(x, 0.05, geom)
+        assert_drop_block(x, a, geom.block)
+        assert torch.equal(a, b) and not torch.equal(a, c)
+        assert draws == [x.device] * 3  # a tensor seed on the input's device, read by the kernel
+
     def test_inplace_marks_the_input_dirty(self, device) -> None:
         leaf = torch.randn(2, 4, 7, 7, device=device, requires_grad=True)
         x = leaf * 1.0
@@ -187,11 +203,11 @@ class TestFusedCompiled:
         assert not torch.equal(a, b)  # a new seed at every call
 
 
-def test_cuda_graph_capture_is_refused(monkeypatch) -> None:
+def test_a_cpu_generator_is_refused_during_capture(monkeypatch) -> None:
     monkeypatch.setattr(fused, "_capturing", lambda x: True)
     x = torch.randn(2, 4, 14, 14)
-    with pytest.raises(RuntimeError, match="same blocks at every replay"):
-        fused_drop_block(x, 0.01, block_geometry((14, 14), (7, 7)))
+    with pytest.raises(RuntimeError, match="a CPU generator cannot do: pass a CUDA generator"):
+        fused_drop_block(x, 0.01, block_geometry((14, 14), (7, 7)), generator=torch.Generator())
 
 
 def test_seeds_follow_torch_manual_seed_and_fit_int32() -> None:
@@ -291,6 +307,26 @@ class TestFusedOnCuda:
             m(x).sum().backward()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+    def test_a_captured_cuda_graph_draws_new_blocks_at_every_replay(self, kernels) -> None:
+        x = torch.randn(8, 64, 14, 14, device="cuda")
+        geom = block_geometry((14, 14), (7, 7))
+        fused_drop_block(x, 0.02, geom)  # compile the kernels outside the capture
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fused_drop_block(x, 0.02, geom)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = fused_drop_block(x, 0.02, geom)
+        outs = []
+        for _ in range(3):
+            graph.replay()
+            outs.append(y.clone())
+        assert not torch.equal(outs[1], outs[2])
+        for out in outs:
+            assert_drop_block(x, out, geom.block)
 
     def test_compiled_with_cuda_graphs_draws_new_blocks_at_every_replay(self, monkeypatch, kernels) -> None:
         monkeypatch.setattr(fused_compiled, "COMPILED", True)

@@ -96,32 +96,39 @@ def fused_drop_block(
     generator: torch.Generator | None = None,
     inplace: bool = False,
     *,
-    allow_capture: bool = False,
+    host_seed_in_capture: bool = False,
 ) -> torch.Tensor:
     """Per-channel DropBlock of a dense 4-D tensor with seed rate ``gamma``, in two Triton launches.
+
+    The Philox seed is drawn on the host, except during CUDA graph capture: there the seed is
+    drawn on the device (by the generator, the default CUDA one if None) and the kernels read it
+    from memory, so every replay drops new blocks (at the rate of the capture).
 
     Args:
         x: ``(N, C, H, W)``, contiguous or channels_last, ``H, W <= 64`` (see :func:`fused_eligible`).
         gamma: Seed rate on the valid region.
         geom: The block geometry of ``x``'s spatial size.
-        generator: Draws the call's Philox seed (on its device; the default CPU generator if None).
+        generator: Draws the call's Philox seed (the default CPU generator if None).
         inplace: Write the result into ``x``.
-        allow_capture: Permit CUDA graph capture. The seed is drawn on the host, so a captured
-            graph drops the same blocks at every replay: only for timing the kernels.
+        host_seed_in_capture: Draw the seed on the host during capture too, so that every replay
+            drops the same blocks: only for timing the kernels alone.
 
     Returns:
         ``x * keep * numel / kept`` in ``x``'s dtype and memory format.
 
     Raises:
-        RuntimeError: Called during CUDA graph capture without ``allow_capture``.
+        RuntimeError: A CPU ``generator`` during CUDA graph capture (a replay could not draw from it).
     """
-    if not allow_capture and _capturing(x):
-        raise RuntimeError(
-            "DropBlock's eager CUDA op draws its seed on the host, so a captured CUDA graph would drop the "
-            "same blocks at every replay. Under torch.compile the model runs the traceable DropBlock instead, "
-            "whose seeds come from the compiled graph's own random number generator."
-        )
-    return _FusedDropBlock.apply(x, gamma, geom, generator, inplace)
+    threshold, seed = seed_threshold(gamma), None
+    if _capturing(x) and not host_seed_in_capture:
+        if generator is not None and generator.device.type == "cpu":
+            raise RuntimeError(
+                "DropBlock under CUDA graph capture draws its seed on the GPU at every replay, which a CPU "
+                "generator cannot do: pass a CUDA generator (registered with the graph) or none."
+            )
+        seed = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=x.device)
+        threshold = torch.full((1,), threshold, dtype=torch.int64, device=x.device)
+    return _FusedDropBlock.apply(x, threshold, _draw_seed(generator) if seed is None else seed, geom, inplace)
 
 
 def _capturing(x: torch.Tensor) -> bool:
@@ -139,10 +146,10 @@ def _on_device_of(x: torch.Tensor) -> contextlib.AbstractContextManager[object]:
 
 class _FusedDropBlock(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gamma, geom, generator, inplace):
+    def forward(ctx, x, threshold, seed, geom, inplace):
         launch = _launch_for(tuple(x.shape), geom, _kernel_set())
         out = x if inplace else torch.empty_like(x)
-        words, count = launch.run(x, out, seed_threshold(gamma), _draw_seed(generator))
+        words, count = launch.run(x, out, threshold, seed)
         ctx.launch = launch
         ctx.save_for_backward(words, count)
         if inplace:
