@@ -276,6 +276,59 @@ def test_kernels_under_the_interpreter() -> None:
     assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1]
 
 
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.uint8: "u8",
+                 torch.int16: "i16", torch.int32: "i32", torch.int64: "i64"}  # fmt: skip
+
+
+def compile_for_h100(kernel, types: list[str], consts: dict, divisible: tuple[int, ...] = ()) -> str:
+    """Compile ``kernel`` (its leading arguments of Triton ``types``, then ``consts``) to an sm_90
+    cubin with Triton's own ptxas (no GPU needed); returns the PTX. Pointers, and the integer
+    arguments at ``divisible``, are known to be multiples of 16, as Triton specialises them."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {**dict(zip(kernel.arg_names, types)), **dict.fromkeys(consts, "constexpr")}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, kind in enumerate(types) if kind[0] == "*" or i in divisible}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=aligned)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": fused.APPLY_WARPS})
+    assert compiled.asm["cubin"]
+    return compiled.asm["ptx"]
+
+
+@pytest.mark.skipif(
+    HAS_CUDA or INTERPRETED or not triton_available(), reason="on a GPU the kernels run; here they are compiled"
+)
+@pytest.mark.parametrize("kernels", fused.KERNEL_SETS)
+@pytest.mark.parametrize(
+    "shape, block, dtype",
+    [
+        ((64, 1024, 14, 14), 7, torch.float32),
+        ((64, 512, 28, 28), 7, torch.float16),
+        ((3, 5, 20, 64), 5, torch.bfloat16),  # 64-bit row words
+    ],
+)
+def test_kernels_compile_for_an_h100(kernels, shape, block, dtype) -> None:
+    # what the interpreter cannot show: that Triton lowers every kernel to the GPU (types, layouts)
+    from dropblock_inject.op import _fused_kernels
+
+    launch = fused._Launch(shape, block_geometry(shape[2:], (block, block)), kernels)
+    words = "*" + _TRITON_TYPES[launch.word_dtype]
+    seed_kernel = getattr(_fused_kernels, "seed_rows_kernel" if kernels == "flat" else "seed_kernel")
+    for in_memory in (False, True):
+        args = [words, "*i64", "*i64" if in_memory else "i32", "*i64" if in_memory else "i64", "i32"]
+        consts = {**launch.seed_consts, "IN_MEMORY": in_memory, **({"WIDE": launch.wide} if kernels == "flat" else {})}
+        compile_for_h100(seed_kernel, args, consts)
+    for channels_last in (False, True):
+        _, consts = launch.apply_tiling(channels_last)
+        data = "*" + _TRITON_TYPES[dtype]
+        args = [data, data, words, "*i64", "i32"] + (["i32"] * 5 if kernels == "tiles" else [])  # planes, strides
+        divisible = (4,) if launch.numel % 16 == 0 else ()  # numel
+        ptx = compile_for_h100(getattr(_fused_kernels, launch.apply_kernel), args, consts, divisible)
+        if kernels == "flat":
+            assert "ld.global.v4" in ptx and "st.global.v4" in ptx  # whole vectors in storage order
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_GPU)
 class TestFusedOnCuda:
     def test_drop_rate_matches_expected_at_scale(self) -> None:

@@ -272,33 +272,40 @@ class _Launch:
         """``out = src * keep * numel / kept`` (``out`` may be ``src``, else it has ``src``'s strides)."""
         aligned = src.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0
         key = ("apply", src.device.index, src.dtype, src.stride()) if aligned else None
-        if self.flat:
-            c, h, w = self._apply_shape[:3]
-            consts = dict(C=c, H=h, W=w, CHANNELS_LAST=not src.is_contiguous(),
-                          ROW_BITS=self.word_dtype.itemsize * 8, WIDE=self.wide, BLOCK=FLAT_BLOCK)  # fmt: skip
-            grid = (-(-self.numel // FLAT_BLOCK), 1, 1)
-            args = (src, out, words, count, self.numel)
-            self._launch("apply_flat_kernel", grid, key, args, consts, {"num_warps": self.apply_warps})
-            return
-        args = (src, out, words, count, self.numel, self.n_planes, *src.stride())
-        grid, consts = self.apply_tiling(channels_last=src.stride(1) == 1)
-        self._launch("apply_kernel", grid, key, args, consts, {"num_warps": self.apply_warps})
+        grid, consts = self.apply_tiling(channels_last=not src.is_contiguous())
+        args = (src, out, words, count, self.numel)
+        if not self.flat:
+            args += (self.n_planes, *src.stride())
+        self._launch(self.apply_kernel, grid, key, args, consts, {"num_warps": self.apply_warps})
+
+    @property
+    def apply_kernel(self) -> str:
+        return "apply_flat_kernel" if self.flat else "apply_kernel"
 
     def apply_tiling(self, channels_last: bool) -> tuple[tuple[int, int, int], dict]:
-        """Grid and constants of the apply kernel: tiles of ``TILE_UNITS`` units, whole rows.
+        """Grid and constants of the apply kernel (of the flat set: blocks of ``FLAT_BLOCK`` units
+        in storage order; else tiles of ``TILE_UNITS`` units, whole rows).
 
         In channels_last memory the channels of one position are adjacent, so a tile there
         spans at least ``CHANNELS_LAST_PLANES`` channels (fewer rows instead).
         """
         tiling = self._apply_tilings.get(channels_last)
-        if tiling is None:
-            c, h, w, sh, kh, kw = self._apply_shape
+        if tiling is not None:
+            return tiling
+        c, h, w, sh, kh, kw = self._apply_shape
+        word_bits = self.word_dtype.itemsize * 8
+        if self.flat:
+            consts = dict(C=c, H=h, W=w, CHANNELS_LAST=channels_last, ROW_BITS=word_bits, WIDE=self.wide,
+                          BLOCK=FLAT_BLOCK)  # fmt: skip
+            tiling = ((-(-self.numel // FLAT_BLOCK), 1, 1), consts)
+        else:
             w_p2, min_planes = _pow2(w), CHANNELS_LAST_PLANES if channels_last else 1
             bh = min(_pow2(h), max(1, TILE_UNITS // (w_p2 * min_planes)))
             bp = max(min_planes, TILE_UNITS // (bh * w_p2))
-            consts = dict(C=c, H=h, W=w, SH=sh, KH=kh, KW=kw, WORD_BITS=self.word_dtype.itemsize * 8, BP=bp, BH=bh,
+            consts = dict(C=c, H=h, W=w, SH=sh, KH=kh, KW=kw, WORD_BITS=word_bits, BP=bp, BH=bh,
                           BI=_pow2(min(bh + kh - 1, sh)), W_P2=w_p2)  # fmt: skip
-            tiling = self._apply_tilings[channels_last] = ((-(-self.n_planes // bp), -(-h // bh), 1), consts)
+            tiling = ((-(-self.n_planes // bp), -(-h // bh), 1), consts)
+        self._apply_tilings[channels_last] = tiling
         return tiling
 
     def _launch(self, name: str, grid: tuple[int, ...], key: tuple | None, args: tuple, consts: dict, options: dict):
