@@ -15,8 +15,9 @@ ships with PyTorch's CUDA wheels):
 A second pair of kernels, ``KERNELS = "flat"`` (``DROPBLOCK_INJECT_FUSED_KERNELS=flat``), draws the
 same seeds but stores each output row's dropped columns (``seed_rows_kernel``), so that
 ``apply_flat_kernel`` can walk the input in storage order with whole vectors (no padded rows or
-columns) and one cached word per row. It is tested (under Triton's interpreter) to give the very
-output of the default pair; it has not been timed on a GPU yet, so ``"tiles"`` stays the default.
+columns) and one cached word per row. Under Triton's interpreter it gives the very output of the
+default pair, and it compiles for sm_90; it has not been timed on a GPU yet, so ``"tiles"`` stays
+the default.
 
 Under ``torch.compile`` the model runs the traceable op (:mod:`~dropblock_inject.op.traceable`),
 or with ``DROPBLOCK_INJECT_FUSED_COMPILED=1`` these kernels as a custom op
