@@ -15,19 +15,18 @@ def _bit_or(a, b):
 
 
 @triton.jit
-def _popcount(v):
-    v = v - ((v >> 1) & 0x5555555555555555)
-    v = (v & 0x3333333333333333) + ((v >> 2) & 0x3333333333333333)
-    v = (v + (v >> 4)) & 0x0F0F0F0F0F0F0F0F
-    return (v * 0x0101010101010101) >> 56
-
-
-@triton.jit
 def _popcount32(v):
+    """Set bits of uint32 words (SWAR; libdevice's popc is not in the interpreter)."""
     v = v - ((v >> 1) & 0x55555555)
     v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
     v = (v + (v >> 4)) & 0x0F0F0F0F
     return (v * 0x01010101) >> 24
+
+
+@triton.jit
+def _popcount(v):
+    """Set bits of uint64 words, as two 32-bit halves (the GPU works 64-bit integers in halves anyway)."""
+    return _popcount32(v.to(tl.uint32)) + _popcount32((v >> 32).to(tl.uint32))
 
 
 @triton.jit
@@ -79,25 +78,37 @@ def _seed_words(seed, threshold, planes, n_planes, SH: tl.constexpr, SW: tl.cons
     return tl.sum(nib << col.to(tl.uint64), axis=2)  # distinct bits: the sum is an or
 
 
-@triton.jit(do_not_specialize=["seed", "threshold"])
-def seed_kernel(words_ptr, count_ptr, seed, threshold, n_planes, H: tl.constexpr, SH: tl.constexpr,
-                SW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BP: tl.constexpr, H_P2: tl.constexpr,
-                SH_P2: tl.constexpr, SW_P4: tl.constexpr, IN_MEMORY: tl.constexpr):  # fmt: skip
-    """Draw the seeds of ``BP`` planes, store one word per seed row, add the dropped units to the count.
+@triton.jit
+def _draw_planes(seed, threshold, n_planes, BP: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                 SH_P2: tl.constexpr, SW_P4: tl.constexpr, IN_MEMORY: tl.constexpr):  # fmt: skip
+    """The program's ``BP`` planes, the seed-row index and the planes' seed-row words (uint64).
 
     ``seed`` and ``threshold`` are integers, or with ``IN_MEMORY`` pointers to one int64 each
-    (drawn and worked out on the device: what a compiled graph passes).
+    (drawn and worked out on the device: a compiled graph's, or under CUDA graph capture).
     """
     if IN_MEMORY:
         seed = tl.load(seed)
         threshold = tl.load(threshold)
     planes = tl.program_id(0) * BP + tl.arange(0, BP)
-    i = tl.arange(0, SH_P2)
-    words = _seed_words(seed, threshold, planes, n_planes, SH, SW, SH_P2, SW_P4)
+    return planes, tl.arange(0, SH_P2), _seed_words(seed, threshold, planes, n_planes, SH, SW, SH_P2, SW_P4)
+
+
+@triton.jit
+def _output_rows(words, i, H: tl.constexpr, H_P2: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr):
+    """The output-row index and each output row's dropped columns (0 past ``H``)."""
+    h = tl.arange(0, H_P2)
+    return h, tl.where((h < H)[None, :], _dropped_rows(words, i, h, KH, KW), 0)
+
+
+@triton.jit(do_not_specialize=["seed", "threshold"])
+def seed_kernel(words_ptr, count_ptr, seed, threshold, n_planes, H: tl.constexpr, SH: tl.constexpr,
+                SW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BP: tl.constexpr, H_P2: tl.constexpr,
+                SH_P2: tl.constexpr, SW_P4: tl.constexpr, IN_MEMORY: tl.constexpr):  # fmt: skip
+    """Draw the seeds of ``BP`` planes, store one word per seed row, add the dropped units to the count."""
+    planes, i, words = _draw_planes(seed, threshold, n_planes, BP, SH, SW, SH_P2, SW_P4, IN_MEMORY)
     store = (planes < n_planes)[:, None] & (i < SH)[None, :]
     tl.store(words_ptr + planes[:, None] * SH + i[None, :], words.to(words_ptr.dtype.element_ty), mask=store)
-    h = tl.arange(0, H_P2)
-    rows = tl.where((h < H)[None, :], _dropped_rows(words, i, h, KH, KW), 0)
+    _, rows = _output_rows(words, i, H, H_P2, KH, KW)
     tl.atomic_add(count_ptr, tl.sum(tl.sum(_popcount(rows), axis=1), axis=0).to(tl.int64))
 
 
@@ -108,18 +119,11 @@ def seed_rows_kernel(rows_ptr, count_ptr, seed, threshold, n_planes, H: tl.const
                      WIDE: tl.constexpr):  # fmt: skip
     """The seeds of ``BP`` planes (the draws of :func:`seed_kernel`), stored as the dropped columns of
     every output row (one word per row, for :func:`apply_flat_kernel`); the dropped units are added
-    to the count. Rows up to 32 wide are worked in 32 bits (``WIDE`` is False). ``IN_MEMORY``: as
-    for :func:`seed_kernel`."""
-    if IN_MEMORY:
-        seed = tl.load(seed)
-        threshold = tl.load(threshold)
-    planes = tl.program_id(0) * BP + tl.arange(0, BP)
-    i = tl.arange(0, SH_P2)
-    words = _seed_words(seed, threshold, planes, n_planes, SH, SW, SH_P2, SW_P4)
+    to the count. Rows up to 32 wide are worked in 32 bits (``WIDE`` is False)."""
+    planes, i, words = _draw_planes(seed, threshold, n_planes, BP, SH, SW, SH_P2, SW_P4, IN_MEMORY)
     if not WIDE:
         words = words.to(tl.uint32)
-    h = tl.arange(0, H_P2)
-    rows = tl.where((h < H)[None, :], _dropped_rows(words, i, h, KH, KW), 0)
+    h, rows = _output_rows(words, i, H, H_P2, KH, KW)
     store = (planes < n_planes)[:, None] & (h < H)[None, :]
     tl.store(rows_ptr + planes[:, None] * H + h[None, :], rows.to(rows_ptr.dtype.element_ty), mask=store)
     count = _popcount(rows) if WIDE else _popcount32(rows)
