@@ -314,11 +314,9 @@ def test_kernels_compile_for_an_h100(kernels, shape, block, dtype) -> None:
 
     launch = fused._Launch(shape, block_geometry(shape[2:], (block, block)), kernels)
     words = "*" + _TRITON_TYPES[launch.word_dtype]
-    seed_kernel = getattr(_fused_kernels, "seed_rows_kernel" if kernels == "flat" else "seed_kernel")
     for in_memory in (False, True):
         args = [words, "*i64", "*i64" if in_memory else "i32", "*i64" if in_memory else "i64", "i32"]
-        consts = {**launch.seed_consts, "IN_MEMORY": in_memory, **({"WIDE": launch.wide} if kernels == "flat" else {})}
-        compile_for_h100(seed_kernel, args, consts)
+        compile_for_h100(getattr(_fused_kernels, launch.seed_kernel), args, launch.draw_consts(in_memory))
     for channels_last in (False, True):
         _, consts = launch.apply_tiling(channels_last)
         data = "*" + _TRITON_TYPES[dtype]

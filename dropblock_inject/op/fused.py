@@ -120,16 +120,16 @@ def fused_drop_block(
     Raises:
         RuntimeError: A CPU ``generator`` during CUDA graph capture (a replay could not draw from it).
     """
-    threshold, seed = seed_threshold(gamma), None
     if _capturing(x) and not host_seed_in_capture:
         if generator is not None and generator.device.type == "cpu":
             raise RuntimeError(
                 "DropBlock under CUDA graph capture draws its seed on the GPU at every replay, which a CPU "
                 "generator cannot do: pass a CUDA generator (registered with the graph) or none."
             )
-        seed = torch.randint(0, 2**31 - 1, (1,), generator=generator, device=x.device)
-        threshold = torch.full((1,), threshold, dtype=torch.int64, device=x.device)
-    return _FusedDropBlock.apply(x, threshold, _draw_seed(generator) if seed is None else seed, geom, inplace)
+        threshold, seed = device_scalars(gamma, x.device, generator)
+    else:
+        threshold, seed = seed_threshold(gamma), _draw_seed(generator)
+    return _FusedDropBlock.apply(x, threshold, seed, geom, inplace)
 
 
 def _capturing(x: torch.Tensor) -> bool:
@@ -168,17 +168,30 @@ def seed_threshold(gamma: float) -> int:
     return round(min(max(gamma, 0.0), 1.0) * 2**32)
 
 
+def device_scalars(
+    gamma: float | torch.Tensor, device: torch.device, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`seed_threshold` and a Philox seed as 1-element int64 tensors on ``device``, made by
+    device ops only (what CUDA graph capture and a compiled graph need); ``gamma`` may be a tensor."""
+    if isinstance(gamma, torch.Tensor):
+        threshold = (gamma.to(torch.float64).clamp(0.0, 1.0) * 2.0**32).round().to(torch.int64).reshape(1)
+    else:
+        threshold = torch.full((1,), seed_threshold(gamma), dtype=torch.int64, device=device)
+    return threshold, torch.randint(0, _SEED_END, (1,), generator=generator, device=device)
+
+
+_SEED_END = 2**31 - 1  # seeds lie in [0, _SEED_END): Triton always types them int32
 _SEED_BUFFERS = threading.local()  # a 0-d CPU int64 per thread, refilled by each draw
 
 
 def _draw_seed(generator: torch.Generator | None) -> int:
-    """The call's Philox seed, in ``[0, 2**31 - 1)`` (so Triton always types it int32)."""
+    """The call's Philox seed, drawn on the host (by ``generator``, on its device)."""
     if generator is not None and generator.device.type != "cpu":
-        return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device))
+        return int(torch.randint(0, _SEED_END, (1,), generator=generator, device=generator.device))
     buf = getattr(_SEED_BUFFERS, "buf", None)
     if buf is None:
         buf = _SEED_BUFFERS.buf = torch.empty((), dtype=torch.int64)
-    return int(buf.random_(0, 2**31 - 1, generator=generator))
+    return int(buf.random_(0, _SEED_END, generator=generator))
 
 
 def _pow2(n: int) -> int:
@@ -222,13 +235,16 @@ class _Launch:
         n, c, h, w = shape
         (sh, sw), (kh, kw) = geom.seed_grid, geom.block
         self.n_planes, self.numel, self.flat = n * c, math.prod(shape), kernels == "flat"
+        self.seed_kernel = "seed_rows_kernel" if self.flat else "seed_kernel"
+        self.apply_kernel = "apply_flat_kernel" if self.flat else "apply_kernel"
         self.words_per_plane, self.word_dtype = _stored_words(geom, kernels)
         self.wide = w > 32  # flat: rows up to 32 wide are worked in 32 bits
         h_p2, sh_p2 = _pow2(h), _pow2(sh)
         seed_bp = max(1, SEED_TILE // (h_p2 * sh_p2))
         self.seed_grid = (-(-self.n_planes // seed_bp), 1, 1)  # 3-D: a compiled kernel reads all three
-        self.seed_consts = dict(H=h, SH=sh, SW=sw, KH=kh, KW=kw, BP=seed_bp, H_P2=h_p2, SH_P2=sh_p2,
-                                SW_P4=_pow2(-(-sw // 4)))  # fmt: skip
+        consts = dict(H=h, SH=sh, SW=sw, KH=kh, KW=kw, BP=seed_bp, H_P2=h_p2, SH_P2=sh_p2, SW_P4=_pow2(-(-sw // 4)))
+        wide = {"WIDE": self.wide} if self.flat else {}
+        self._draw_consts = {mem: {**consts, "IN_MEMORY": mem, **wide} for mem in (False, True)}
         self._apply_shape = (c, h, w, sh, kh, kw)
         self._apply_tilings: dict[bool, tuple[tuple[int, int, int], dict]] = {}
         self.apply_warps = APPLY_WARPS
@@ -262,12 +278,13 @@ class _Launch:
         count = torch.zeros(1, dtype=torch.int64, device=device)
         in_memory = isinstance(seed, torch.Tensor)
         args = (words, count, seed, threshold, self.n_planes)
-        consts = {**self.seed_consts, "IN_MEMORY": in_memory}
-        if self.flat:
-            consts["WIDE"] = self.wide
-        name = "seed_rows_kernel" if self.flat else "seed_kernel"
-        self._launch(name, self.seed_grid, (name, device.index, in_memory), args, consts, {})
+        consts = self.draw_consts(in_memory)
+        self._launch(self.seed_kernel, self.seed_grid, ("seed", device.index, in_memory), args, consts, {})
         return words, count
+
+    def draw_consts(self, in_memory: bool) -> dict:
+        """The seed kernel's constants, with seed and threshold passed by value or in memory."""
+        return self._draw_consts[in_memory]
 
     def apply(self, src: torch.Tensor, out: torch.Tensor, words: torch.Tensor, count: torch.Tensor) -> None:
         """``out = src * keep * numel / kept`` (``out`` may be ``src``, else it has ``src``'s strides)."""
@@ -278,10 +295,6 @@ class _Launch:
         if not self.flat:
             args += (self.n_planes, *src.stride())
         self._launch(self.apply_kernel, grid, key, args, consts, {"num_warps": self.apply_warps})
-
-    @property
-    def apply_kernel(self) -> str:
-        return "apply_flat_kernel" if self.flat else "apply_kernel"
 
     def apply_tiling(self, channels_last: bool) -> tuple[tuple[int, int, int], dict]:
         """Grid and constants of the apply kernel (of the flat set: blocks of ``FLAT_BLOCK`` units

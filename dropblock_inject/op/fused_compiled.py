@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dropblock_inject.op.fused import _kernel_set, _Launch, _launch_for, _stored_words, fused_eligible
+from dropblock_inject.op.fused import _kernel_set, _Launch, _launch_for, _stored_words, device_scalars, fused_eligible
 from dropblock_inject.op.geometry import BlockGeometry, block_geometry
 from dropblock_inject.op.layout import as_dense
 
@@ -47,9 +47,7 @@ def fused_drop_block_traceable(x: torch.Tensor, gamma: float | torch.Tensor, geo
     Returns:
         ``x * keep * numel / kept``, a new tensor in ``x``'s dtype and memory format.
     """
-    gamma = torch.as_tensor(gamma, dtype=torch.float64, device=x.device)
-    threshold = (gamma.clamp(0.0, 1.0) * 2.0**32).round().to(torch.int64).reshape(1)
-    seed = torch.randint(0, 2**31 - 1, (1,), device=x.device)
+    threshold, seed = device_scalars(gamma, x.device)
     # the kernel set is an argument, not read inside: it fixes the words' size, which a cached
     # compiled graph (in this process or on disk) must not take from another setting
     return torch.ops.dropblock_inject.fused_drop_block(x, threshold, seed, list(geom.block), _kernel_set())[0]

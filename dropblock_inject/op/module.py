@@ -102,7 +102,7 @@ class DropBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Drop blocks of ``x`` in training mode; return ``x`` itself otherwise."""
-        target = self.drop_prob * self.gamma_scale
+        target = self.target_rate
         if not self.training or target == 0.0:
             return x
         if torch.compiler.is_compiling():
