@@ -287,20 +287,20 @@ class TestEagerIndices:
             rows, width = block_rows(pos, geom, batch, x.stride())
             dropped = _new_dropped_map(numel, x.device)
             fill_rows(dropped, rows, width, 1, True)
-            assert _count_without_map(pos, rows, width, geom, x, numel * 128) == int(_count_dropped(dropped))
+            assert _count_without_map(rows, width, geom, x, numel * 128) == int(_count_dropped(dropped))
 
     def test_count_without_a_map_declines_dense_rows_other_layouts_and_the_full_region(self) -> None:
         x = torch.empty(4, 8, 14, 14)
         geom = block_geometry((14, 14), (7, 7))
         pos = torch.arange(0, 2048, 7)
         rows, width = block_rows(pos, geom, (4, 8), x.stride())
-        assert _count_without_map(pos, rows, width, geom, x, x.numel()) is None  # rows too dense
+        assert _count_without_map(rows, width, geom, x, x.numel()) is None  # rows too dense
         cl = x.to(memory_format=torch.channels_last)
         rows, width = block_rows(pos, geom, (4, 8), cl.stride())
-        assert _count_without_map(pos, rows, width, geom, cl, x.numel() * 128) is None
+        assert _count_without_map(rows, width, geom, cl, x.numel() * 128) is None
         full = block_geometry((14, 14), (7, 7), "full")
         rows, width = block_rows(pos, full, (4, 8), x.stride())
-        assert _count_without_map(pos, rows, width, full, x, x.numel() * 128) is None
+        assert _count_without_map(rows, width, full, x, x.numel() * 128) is None
 
 
 def _block_row_offsets(block: tuple[int, ...]) -> list[tuple[int, ...]]:
@@ -308,6 +308,84 @@ def _block_row_offsets(block: tuple[int, ...]) -> list[tuple[int, ...]]:
     for k in block:
         offsets = [(*o, i) for o in offsets for i in range(k)]
     return offsets
+
+
+class TestWholePlanes:
+    """A block that covers the map drops whole planes: one multiply by a per-plane factor."""
+
+    @staticmethod
+    def expected(x: torch.Tensor, out: torch.Tensor, shared: bool) -> torch.Tensor:
+        """``x`` with the planes that ``out`` dropped zeroed and the rest rescaled once, in float32
+        (float64 for float64 input), the factor ``planes / kept planes``."""
+        dims = tuple(range(2, x.dim()))
+        dropped = (out == 0).all(dim=(1, *dims) if shared else dims)
+        dropped = dropped.view(x.shape[0], *([1] * (x.dim() - 1))) if shared else dropped
+        kept = dropped.numel() - int(dropped.sum())
+        opmath = torch.float64 if x.dtype == torch.float64 else torch.float32
+        scale = torch.tensor(dropped.numel() / kept, dtype=opmath)
+        rescaled = (x.to(opmath) * scale).to(x.dtype)
+        return torch.where(dropped.view(*dropped.shape, *([1] * (x.dim() - dropped.dim()))), 0, rescaled)
+
+    @pytest.mark.parametrize(
+        ("dtype", "shared"),
+        [
+            (torch.float32, False),
+            (torch.float64, False),
+            (torch.bfloat16, False),  # half inputs take the block-rows path, which rescales in float32 too
+            (torch.float16, False),
+            (torch.float32, True),
+            (torch.float64, True),
+        ],
+    )
+    @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+    def test_planes_are_dropped_whole_and_rescaled_once(self, dtype, layout, shared) -> None:
+        x = (torch.rand(64, 32, 7, 7) + 0.5).to(dtype=dtype, memory_format=layout)
+        out = drop_block(x, 0.3, 7, shared_channels=shared)
+        assert out.dtype == dtype and out.is_contiguous(memory_format=layout)
+        assert torch.equal(out, self.expected(x, out, shared))
+        assert 0.2 < drop_fraction(out) < 0.4
+
+    @pytest.mark.parametrize(
+        ("shape", "block", "region"),
+        [((4, 32, 3, 7, 7), (3, 7, 7), "valid"), ((32, 16, 5, 6), (9, 9), "valid"), ((32, 16, 1, 1), 3, "full")],
+    )
+    def test_other_shapes_covered_by_one_block(self, shape, block, region) -> None:
+        x = torch.rand(shape) + 0.5
+        out = drop_block(x, 0.3, block, seed_region=region)
+        assert torch.equal(out, self.expected(x, out, False))
+
+    @pytest.mark.parametrize("shared", [False, True])
+    def test_inplace_and_backward_use_the_same_planes(self, shared) -> None:
+        x = torch.rand(32, 16, 7, 7) + 0.5
+        settings = {"shared_channels": shared}
+        ref = drop_block(x, 0.3, 7, **settings, generator=torch.Generator().manual_seed(3))
+        h = x.clone()
+        assert drop_block(h, 0.3, 7, **settings, inplace=True, generator=torch.Generator().manual_seed(3)) is h
+        assert torch.equal(h, ref)
+        leaf = x.clone().requires_grad_()
+        saved: list[torch.Tensor] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = drop_block(leaf, 0.3, 7, shared_channels=shared)
+        (seeds,) = saved  # the dropped planes' indices, nothing else
+        assert seeds.dtype == torch.int64 and seeds.numel() == int((out == 0).flatten(1 if shared else 2).all(-1).sum())
+        g = torch.randn_like(out)
+        out.backward(g)
+        assert torch.equal(leaf.grad, self.expected(g, out, shared))
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    @pytest.mark.parametrize("shared", [False, True])
+    def test_traceable_path(self, dtype, shared) -> None:
+        x = (torch.rand(64, 32, 7, 7) + 0.5).to(dtype=dtype, memory_format=torch.channels_last)
+        geom = block_geometry((7, 7), (7, 7))
+        out = drop_block_traceable(x, torch.tensor(0.3), geom, shared, "paper", max_rate=0.3)
+        assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+        dims = (1, 2, 3) if shared else (2, 3)
+        per_plane = (out == 0).float().mean(dim=dims)
+        assert set(per_plane.unique().tolist()) <= {0.0, 1.0}
+        assert 0.2 < per_plane.mean().item() < 0.4
+        kept = out[out != 0].float() / x[out != 0].float()
+        scale = per_plane.numel() / (per_plane.numel() - per_plane.sum().item())
+        assert kept.mean().item() == pytest.approx(scale, rel=1e-2 if dtype != torch.float32 else 1e-6)
 
 
 class TestTraceablePath:

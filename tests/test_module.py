@@ -134,7 +134,14 @@ class TestCompile:
 
     @pytest.mark.parametrize(
         ("shape", "block"),
-        [((2, 8, 2, 2), 3), ((2, 8, 4, 4), 3), ((2, 8, 7, 7), 3), ((2, 8, 14, 14), 7), ((2, 4, 4, 6, 6), 3)],
+        [
+            ((2, 8, 2, 2), 3),
+            ((2, 8, 4, 4), 3),
+            ((2, 8, 7, 7), 3),
+            ((2, 8, 7, 7), 7),
+            ((2, 8, 14, 14), 7),
+            ((2, 4, 4, 6, 6), 3),
+        ],
     )
     def test_forward_and_backward_trace_at_every_row_width(self, shape, block) -> None:
         torch._dynamo.reset()  # narrow rows take the grouped-table path, whose views once broke aot tracing
@@ -143,11 +150,12 @@ class TestCompile:
         torch.compile(m, backend="aot_eager", fullgraph=True)(x).sum().backward()
         assert x.grad is not None and x.grad.shape == x.shape
 
-    def test_inductor_drops_the_scheduled_rate(self) -> None:
+    @pytest.mark.parametrize(("size", "block"), [(14, 5), (7, 7)], ids=["blocks", "whole planes"])
+    def test_inductor_drops_the_scheduled_rate(self, size, block) -> None:
         torch._dynamo.reset()
-        m = DropBlock(0.2, 5, gamma="calibrated")
+        m = DropBlock(0.2, block, gamma="calibrated")
         compiled = torch.compile(m, fullgraph=True)
-        x = torch.ones(32, 64, 14, 14)
+        x = torch.ones(32, 64, size, size)
         assert sum(drop_fraction(compiled(x)) for _ in range(5)) / 5 == pytest.approx(0.2, rel=0.05)
         m.factor.fill_(0.5)
         assert sum(drop_fraction(compiled(x)) for _ in range(5)) / 5 == pytest.approx(0.1, rel=0.05)

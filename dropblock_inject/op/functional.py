@@ -7,7 +7,9 @@ a third, fused one in Triton (:mod:`dropblock_inject.op.fused`, 4-D per-channel 
   dropped units counted (from the sorted rows, or a dense ``bool`` map when rows are many), one
   dense multiply by the rescale factor, then the dropped units are zeroed in place through their
   indices. Backward saves the block rows (or the ``bool`` map when that is smaller), at most one
-  byte per unit, never a float tensor.
+  byte per unit, never a float tensor. Where a block covers the map (7x7 maps with block 7), the
+  seeds are whole planes: float32 and float64 inputs take one multiply by a per-plane factor, and
+  backward saves the seeds.
 * traceable (:func:`~dropblock_inject.op.traceable.drop_block_traceable`, used under
   ``torch.compile``): fixed-size tensors only (no data-dependent shapes, no ``.item()``), one
   dense pass over the input, and a rate that may be a tensor, so a schedule never recompiles.
@@ -35,6 +37,10 @@ from dropblock_inject.op.traceable import drop_block_traceable
 __all__ = ["drop_block", "drop_block_traceable"]
 
 _COUNT_GROUP = 255 * 8  # bytes per group of _count_dropped
+# whole-plane path: a per-plane factor in the input's dtype; half inputs keep the rows path, whose
+# multiply by a Python scalar rescales in float32 (a float32 factor tensor would take ATen's slow
+# mixed-dtype loop: 2-9x slower measured for bfloat16)
+_PLANE_DTYPES = (torch.float32, torch.float64)
 _SORT_COUNT_DENSITY = 100  # _count_without_map sorts block rows only below one per this many units
 BlockSize = int | Sequence[int]
 
@@ -193,18 +199,19 @@ class _DropBlockFunction(torch.autograd.Function):
         batch, num_pos = seed_batch(x, geom, shared)
         gamma = geom.seed_rate(rate, mode)
         pos = seed_positions(num_pos, max_seeds(num_pos, gamma), gamma, device=x.device, generator=generator)
+        if math.prod(geom.seed_grid) == 1 and x.dtype in _PLANE_DTYPES:
+            return _drop_planes(ctx, x, pos, batch, inplace)
         strides = shared_strides(x) if shared else x.stride()
         rows, width = block_rows(pos, geom, batch, strides)
         numel = batch[0] * batch[1] * math.prod(geom.spatial)
         small_rows = not shared and rows.numel() * 8 <= numel  # then backward keeps the rows
-        dropped = _count_without_map(pos, rows, width, geom, x, numel) if small_rows else None
+        dropped = _count_without_map(rows, width, geom, x, numel) if small_rows else None
         if dropped is None:
             dropped_map = _new_dropped_map(numel, x.device)
             fill_rows(dropped_map, rows, width, strides[-1], True)
             dropped = int(_count_dropped(dropped_map))
-        kept = numel - dropped
-        scale = numel / kept if kept else 0.0  # nothing kept: the output is all zeros
-        ctx.shared, ctx.scale, ctx.width = shared, scale, width
+        scale = _rescale(numel, dropped)
+        ctx.planes, ctx.shared, ctx.scale, ctx.width = False, shared, scale, width
         if shared:
             keep = _shared_keep(dropped_map[:numel], scale, x)
             out = x.mul_(keep) if inplace else x * keep
@@ -222,6 +229,8 @@ class _DropBlockFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (saved,), scale = ctx.saved_tensors, ctx.scale
+        if ctx.planes:
+            return _scale_planes(grad, saved, ctx.batch, scale), None, None, None, None, None, None
         if ctx.shared:
             return grad * _shared_keep(saved, scale, grad), None, None, None, None, None, None
         shape, stride = ctx.x_layout
@@ -233,22 +242,50 @@ class _DropBlockFunction(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
-def _count_without_map(
-    pos: torch.Tensor, rows: torch.Tensor, width: int, geom: BlockGeometry, x: torch.Tensor, numel: int
-) -> int | None:
+def _rescale(numel: int, dropped: int) -> float:
+    """``numel / kept``; 0. when nothing is kept (the output is then all zeros)."""
+    kept = numel - dropped
+    return numel / kept if kept else 0.0
+
+
+def _drop_planes(ctx, x: torch.Tensor, pos: torch.Tensor, batch: tuple[int, int], inplace: bool) -> torch.Tensor:
+    """Blocks that cover the map: every seed position is a whole plane (a sample when the mask is
+    shared), so the op is one multiply by a per-plane factor (SpatialDropout), with no block rows
+    to fill. Backward saves the seeds only. A dropped plane is ``x * 0.``, as in ``nn.Dropout2d``:
+    an inf or NaN there stays NaN, where the block-rows path writes exact zeros.
+    """
+    ctx.planes, ctx.shared, ctx.batch = True, False, batch
+    ctx.scale = _rescale(batch[0] * batch[1], pos.numel())
+    ctx.save_for_backward(pos)
+    if inplace:
+        ctx.mark_dirty(x)
+        return x.mul_(_plane_factor(x, pos, batch, ctx.scale))
+    return _scale_planes(x, pos, batch, ctx.scale)
+
+
+def _scale_planes(t: torch.Tensor, pos: torch.Tensor, batch: tuple[int, int], scale: float) -> torch.Tensor:
+    """``t`` times :func:`_plane_factor`, as a new tensor in ``t``'s dtype and memory format."""
+    return torch.mul(t, _plane_factor(t, pos, batch, scale), out=torch.empty_like(t))
+
+
+def _plane_factor(like: torch.Tensor, pos: torch.Tensor, batch: tuple[int, int], scale: float) -> torch.Tensor:
+    """``(N, C', 1, ...)`` in ``like``'s dtype: 0. at the dropped planes ``pos`` (flat over ``N * C'``),
+    else ``scale``."""
+    factor = torch.full((batch[0] * batch[1],), scale, dtype=like.dtype, device=like.device)
+    return factor.index_fill_(0, pos, 0.0).view(*batch, *([1] * (like.dim() - 2)))
+
+
+def _count_without_map(rows: torch.Tensor, width: int, geom: BlockGeometry, x: torch.Tensor, numel: int) -> int | None:
     """The number of dropped units of per-channel blocks, where it is cheaper than a dense map.
 
-    * One seed position per plane (e.g. a 7x7 map with block 7): blocks never overlap.
-    * Few block rows in a contiguous input: the rows are then flat ``plane, row, column``
-      indices, and in the valid region a block row never reaches the next map row. Sorted, each
-      row adds ``min(width, gap to the next row)`` units, so overlaps count once.
+    That is a contiguous input with few block rows: the rows are then flat ``plane, row, column``
+    indices, and in the valid region a block row never reaches the next map row. Sorted, each
+    row adds ``min(width, gap to the next row)`` units, so overlaps count once.
 
     Returns None where the dense ``bool`` map of :func:`_new_dropped_map` is the better count.
     """
     if geom.seed_region != "valid":
         return None
-    if math.prod(geom.seed_grid) == 1:
-        return pos.numel() * math.prod(geom.block)
     if not x.is_contiguous() or rows.numel() * _SORT_COUNT_DENSITY > numel:
         return None
     if rows.numel() == 0:

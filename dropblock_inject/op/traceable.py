@@ -42,7 +42,15 @@ from dropblock_inject.op.geometry import BlockGeometry, max_seeds
 from dropblock_inject.op.layout import as_dense, contiguous_strides, rescale, seed_batch
 from dropblock_inject.op.sampling import block_rows, row_units, sample_seed_gaps
 
-__all__ = ["MAX_WORD_BITS", "drop_block_traceable", "keep_mask", "lane_factor", "lane_group", "seed_rate_tensor"]
+__all__ = [
+    "MAX_WORD_BITS",
+    "drop_block_traceable",
+    "keep_mask",
+    "lane_factor",
+    "lane_group",
+    "plane_factor",
+    "seed_rate_tensor",
+]
 
 MAX_WORD_BITS = 62  # highest bit index a dilated int64 row word may use
 _TABLE_BITS = 10  # seed words up to this many columns use a single keep table (1024 rows)
@@ -97,6 +105,8 @@ def drop_block_traceable(
     num_draws = max_seeds(num_pos, geom.seed_rate(max_rate, gamma))
     pos = sample_seed_gaps(num_draws, seed_rate, device=x.device, generator=generator)
     planes = batch[0] * batch[1]
+    if math.prod(geom.seed_grid) == 1:  # blocks cover the map: whole planes
+        return _apply(x, plane_factor(pos, batch, geom, x.dim()))
     group = 0 if shared_channels or not x.is_contiguous() else lane_group(geom, planes)
     if group:
         factor = lane_factor(pos, geom, planes, group)
@@ -110,6 +120,19 @@ def _apply(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     if x.dtype in (torch.float32, torch.float64):
         return x * factor
     return (x.float() * factor).to(x.dtype)  # half types: rescale in float32, round once
+
+
+def plane_factor(pos: torch.Tensor, batch: tuple[int, int], geom: BlockGeometry, ndim: int) -> torch.Tensor:
+    """The rescaled keep factor of whole planes, ``(N, C', 1, ...)`` float32 with ``ndim`` dimensions.
+
+    Where a block covers the map every seed position is a plane (or a sample, for ``C' = 1``):
+    the dense kernel multiplies by one factor per plane, loaded once per plane.
+    """
+    planes = batch[0] * batch[1]
+    real, index = _seed_index(pos, planes)
+    dropped = torch.zeros(planes, dtype=torch.float32, device=pos.device).scatter_add(0, index, real.to(torch.float32))
+    scale = rescale(planes * math.prod(geom.spatial), real.sum() * math.prod(geom.spatial))
+    return ((1.0 - dropped) * scale).view(*batch, *([1] * (ndim - 2)))
 
 
 def keep_mask(pos: torch.Tensor, geom: BlockGeometry, batch: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
