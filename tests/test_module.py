@@ -13,6 +13,7 @@ from torch import nn
 from conftest import drop_fraction, is_union_of_blocks
 from dropblock_inject import DropBlock
 from dropblock_inject.op.geometry import block_geometry
+from dropblock_inject.op.sampling import uniform53
 
 
 class LeafTracer(fx.Tracer):
@@ -149,6 +150,14 @@ class TestCompile:
         x = torch.randn(shape, requires_grad=True)
         torch.compile(m, backend="aot_eager", fullgraph=True)(x).sum().backward()
         assert x.grad is not None and x.grad.shape == x.shape
+
+    def test_inductor_draws_53_bit_uniforms_for_the_seed_gaps(self) -> None:
+        torch._dynamo.reset()  # Inductor's own float64 rand has only float32's 24 bits
+        u = torch.compile(lambda: uniform53(4096, device="cpu"), fullgraph=True)()
+        assert u.dtype == torch.float64 and u.min().item() >= 0.0 and u.max().item() < 1.0
+        below_float32 = (u * 2**24 % 1 != 0).float().mean().item()
+        assert below_float32 > 0.99
+        assert u.mean().item() == pytest.approx(0.5, abs=0.03)
 
     @pytest.mark.parametrize(("size", "block"), [(14, 5), (7, 7)], ids=["blocks", "whole planes"])
     def test_inductor_drops_the_scheduled_rate(self, size, block) -> None:

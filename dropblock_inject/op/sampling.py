@@ -33,7 +33,7 @@ def sample_seed_gaps(
 
     Positions past the end of the grid mean "no more seeds"; callers cut or mask them.
     """
-    u = torch.rand(num_draws, dtype=torch.float64, device=device, generator=generator)
+    u = uniform53(num_draws, device=device, generator=generator)
     if isinstance(gamma, torch.Tensor):
         log_q = torch.log1p(-gamma.to(torch.float64).clamp(1e-300, 1.0)).clamp(max=-1e-300)
         gaps = torch.floor(torch.log1p(-u) / log_q)
@@ -42,6 +42,20 @@ def sample_seed_gaps(
         gaps = u.neg_().log1p_().mul_(1.0 / log_q).floor_()
     # positions = cumsum(gaps + 1) - 1 = cumsum(gaps) + arange
     return gaps.cumsum_(0).add_(torch.arange(num_draws, dtype=torch.float64, device=device))
+
+
+def uniform53(num: int, *, device: torch.device | str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``num`` uniform float64 draws on ``[0, 1)`` with 53 random bits each.
+
+    Eager ``torch.rand`` gives those. Inductor draws ``torch.rand(dtype=torch.float64)`` as
+    float32 (24 bits), which would quantise the geometric gaps' distribution and cut its tail,
+    so under ``torch.compile`` the draws are 53-bit integers scaled by ``2**-53`` (exact, and as
+    fast there).
+    """
+    if torch.compiler.is_compiling():
+        bits = torch.randint(0, 2**53, (num,), dtype=torch.int64, device=device, generator=generator)
+        return bits.to(torch.float64) * 2.0**-53
+    return torch.rand(num, dtype=torch.float64, device=device, generator=generator)
 
 
 def seed_positions(
