@@ -189,7 +189,7 @@ def _count_dropped(dropped: torch.Tensor) -> torch.Tensor:
 
 
 class _DropBlockFunction(torch.autograd.Function):
-    """Eager DropBlock with a lean backward (block rows or a bool map are all it saves)."""
+    """Eager DropBlock with a lean backward (block rows, a bool map or the dropped planes are all it saves)."""
 
     @staticmethod
     def forward(ctx, x, rate, geom, shared, mode, generator, inplace):
@@ -210,7 +210,7 @@ class _DropBlockFunction(torch.autograd.Function):
             dropped_map = _new_dropped_map(numel, x.device)
             fill_rows(dropped_map, rows, width, strides[-1], True)
             dropped = int(_count_dropped(dropped_map))
-        scale = _rescale(numel, dropped)
+        scale = _kept_scale(numel, dropped)
         ctx.planes, ctx.shared, ctx.scale, ctx.width = False, shared, scale, width
         if shared:
             keep = _shared_keep(dropped_map[:numel], scale, x)
@@ -242,7 +242,7 @@ class _DropBlockFunction(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
-def _rescale(numel: int, dropped: int) -> float:
+def _kept_scale(numel: int, dropped: int) -> float:
     """``numel / kept``; 0. when nothing is kept (the output is then all zeros)."""
     kept = numel - dropped
     return numel / kept if kept else 0.0
@@ -254,8 +254,8 @@ def _drop_planes(ctx, x: torch.Tensor, pos: torch.Tensor, batch: tuple[int, int]
     to fill. Backward saves the seeds only. A dropped plane is ``x * 0.``, as in ``nn.Dropout2d``:
     an inf or NaN there stays NaN, where the block-rows path writes exact zeros.
     """
-    ctx.planes, ctx.shared, ctx.batch = True, False, batch
-    ctx.scale = _rescale(batch[0] * batch[1], pos.numel())
+    ctx.planes, ctx.batch = True, batch  # backward needs nothing else
+    ctx.scale = _kept_scale(batch[0] * batch[1], pos.numel())
     ctx.save_for_backward(pos)
     if inplace:
         ctx.mark_dirty(x)
