@@ -335,6 +335,8 @@ class TestWholePlanes:
             (torch.float16, False),
             (torch.float32, True),
             (torch.float64, True),
+            (torch.bfloat16, True),  # shared masks of half inputs: the scalar first, then the 0/1 mask
+            (torch.float16, True),
         ],
     )
     @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
@@ -549,6 +551,17 @@ class TestDtypeLayoutDevice:
         out = drop_block(torch.ones(32, 64, 14, 14, dtype=dtype), 0.1, 5, gamma="calibrated")
         assert out.dtype == dtype
         assert drop_fraction(out) == pytest.approx(0.1, rel=0.1)
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+    def test_shared_masks_of_half_inputs_are_rescaled_once_in_float32(self, dtype) -> None:
+        x = (torch.rand(8, 16, 14, 14) + 0.5).to(dtype).requires_grad_()
+        out = drop_block(x, 0.2, 5, shared_channels=True)
+        dropped = (out == 0).all(dim=1, keepdim=True)
+        scale = torch.tensor(dropped.numel() / (dropped.numel() - int(dropped.sum())))
+        assert torch.equal(out, torch.where(dropped, 0, (x.float() * scale).to(dtype)))
+        g = torch.rand_like(out) + 0.5
+        out.backward(g)
+        assert torch.equal(x.grad, torch.where(dropped, 0, (g.float() * scale).to(dtype)))
 
     @pytest.mark.parametrize("shared", [False, True])
     def test_channels_last_is_preserved_and_gives_the_same_mask(self, shared) -> None:

@@ -37,10 +37,11 @@ from dropblock_inject.op.traceable import drop_block_traceable
 __all__ = ["drop_block", "drop_block_traceable"]
 
 _COUNT_GROUP = 255 * 8  # bytes per group of _count_dropped
-# whole-plane path: a per-plane factor in the input's dtype; half inputs keep the rows path, whose
-# multiply by a Python scalar rescales in float32 (a float32 factor tensor would take ATen's slow
-# mixed-dtype loop: 2-9x slower measured for bfloat16)
-_PLANE_DTYPES = (torch.float32, torch.float64)
+# dtypes whose factor tensors (the scale folded into a mask) give the same product as a multiply
+# by the Python scalar: half types would round the scale to 8 or 11 bits first, and a float32
+# factor takes ATen's mixed-dtype loop (2-9x slower measured for bfloat16); they multiply by the
+# scalar (rescaled in float32, rounded once) and then by a 0/1 mask or through the block rows
+_FACTOR_DTYPES = (torch.float32, torch.float64)
 _SORT_COUNT_DENSITY = 100  # _count_without_map sorts block rows only below one per this many units
 BlockSize = int | Sequence[int]
 
@@ -199,7 +200,7 @@ class _DropBlockFunction(torch.autograd.Function):
         batch, num_pos = seed_batch(x, geom, shared)
         gamma = geom.seed_rate(rate, mode)
         pos = seed_positions(num_pos, max_seeds(num_pos, gamma), gamma, device=x.device, generator=generator)
-        if math.prod(geom.seed_grid) == 1 and x.dtype in _PLANE_DTYPES:
+        if math.prod(geom.seed_grid) == 1 and x.dtype in _FACTOR_DTYPES:
             return _drop_planes(ctx, x, pos, batch, inplace)
         strides = shared_strides(x) if shared else x.stride()
         rows, width = block_rows(pos, geom, batch, strides)
@@ -213,8 +214,7 @@ class _DropBlockFunction(torch.autograd.Function):
         scale = _kept_scale(numel, dropped)
         ctx.planes, ctx.shared, ctx.scale, ctx.width = False, shared, scale, width
         if shared:
-            keep = _shared_keep(dropped_map[:numel], scale, x)
-            out = x.mul_(keep) if inplace else x * keep
+            out = _scale_shared(x, dropped_map[:numel], scale, inplace)
             ctx.save_for_backward(dropped_map[:numel])
         else:
             out = x.mul_(scale) if inplace else x * scale
@@ -232,7 +232,7 @@ class _DropBlockFunction(torch.autograd.Function):
         if ctx.planes:
             return _scale_planes(grad, saved, ctx.batch, scale), None, None, None, None, None, None
         if ctx.shared:
-            return grad * _shared_keep(saved, scale, grad), None, None, None, None, None, None
+            return _scale_shared(grad, saved, scale, False), None, None, None, None, None, None
         shape, stride = ctx.x_layout
         if saved.dtype == torch.bool:
             grad = (grad * scale).masked_fill_(saved.as_strided(shape, stride), 0)
@@ -294,7 +294,17 @@ def _count_without_map(rows: torch.Tensor, width: int, geom: BlockGeometry, x: t
     return int(starts.diff().clamp_(max=width).sum()) + width
 
 
-def _shared_keep(dropped: torch.Tensor, scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The rescaled keep mask ``(N, 1, *spatial)`` of the shared-channel mode, in ``like``'s dtype."""
-    shape = (like.shape[0], 1, *like.shape[2:])
-    return (~dropped).view(shape).to(like.dtype).mul_(scale)
+def _scale_shared(t: torch.Tensor, dropped: torch.Tensor, scale: float, inplace: bool) -> torch.Tensor:
+    """``t`` times the shared-channel keep mask ``(N, 1, *spatial)`` and ``scale``, rounded once.
+
+    float32 and float64 fold the scale into the mask (one pass over ``t``); half types multiply by
+    the scalar first (in float32), then by the exact 0/1 mask.
+    """
+    keep = (~dropped).view(t.shape[0], 1, *t.shape[2:]).to(t.dtype)
+    if t.dtype in _FACTOR_DTYPES:
+        keep = keep.mul_(scale)
+    elif inplace:
+        t = t.mul_(scale)
+    else:
+        t, inplace = t * scale, True
+    return t.mul_(keep) if inplace else t * keep
