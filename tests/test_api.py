@@ -307,3 +307,18 @@ def test_compiled_patched_model_trains_and_evaluates() -> None:
     model.eval()
     assert torch.allclose(compiled(x), model(x))
     _ = F  # keep the import used
+
+
+@pytest.mark.slow
+def test_compiled_patched_model_takes_a_smaller_last_batch() -> None:
+    # a new batch size recompiles once with dynamic shapes; the seed draws must trace with a
+    # symbolic size (torch.rand with generator=None did not), and later batches reuse that graph
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    model = dbi.inject(Net(), input_size=(3, 64, 64), drop_prob=0.3, block_size=3)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter)
+    for batch in (4, 3, 4, 3, 2):
+        compiled(torch.randn(batch, 3, 64, 64)).sum().backward()
+    assert counter.frame_count == 2

@@ -151,6 +151,30 @@ class TestCompile:
         torch.compile(m, backend="aot_eager", fullgraph=True)(x).sum().backward()
         assert x.grad is not None and x.grad.shape == x.shape
 
+    @pytest.mark.parametrize(
+        ("block", "shapes"),
+        [
+            (5, [(4, 8, 14, 14), (3, 8, 14, 14), (4, 8, 14, 14), (2, 8, 14, 14)]),
+            (7, [(4, 8, 7, 7), (3, 8, 7, 7), (6, 8, 7, 7)]),  # whole planes
+            (3, [(2, 4, 4, 6, 6), (3, 4, 4, 6, 6)]),
+        ],
+        ids=["blocks", "whole planes", "3-D"],
+    )
+    def test_a_new_batch_size_traces_with_dynamic_shapes(self, block, shapes) -> None:
+        from torch._dynamo.testing import CompileCounterWithBackend
+
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend("inductor")
+        compiled = torch.compile(DropBlock(0.2, block), backend=counter)
+        for shape in shapes:
+            x = torch.ones(shape, requires_grad=True)
+            out = compiled(x)
+            out.sum().backward()
+            assert out.shape == x.shape and 0.05 < drop_fraction(out.detach()) < 0.4
+            assert out.detach().mean().item() == pytest.approx(1.0, abs=1e-4)
+            assert torch.equal(x.grad, out.detach())  # the gradient of sum is the rescaled mask
+        assert counter.frame_count == 2  # the first shape, then one dynamic graph
+
     def test_inductor_draws_53_bit_uniforms_for_the_seed_gaps(self) -> None:
         torch._dynamo.reset()  # Inductor's own float64 rand has only float32's 24 bits
         u = torch.compile(lambda: uniform53(4096, device="cpu"), fullgraph=True)()

@@ -52,10 +52,14 @@ def uniform53(num: int, *, device: torch.device | str, generator: torch.Generato
     so under ``torch.compile`` the draws are 53-bit integers scaled by ``2**-53`` (exact, and as
     fast there).
     """
+    # the generator goes in only when there is one: torch.rand/randint with a generator argument,
+    # even None, reject symbolic sizes, so a compiled model that meets a new batch size (dynamic
+    # shapes) would fail to trace
+    drawn_by = {} if generator is None else {"generator": generator}
     if torch.compiler.is_compiling():
-        bits = torch.randint(0, 2**53, (num,), dtype=torch.int64, device=device, generator=generator)
+        bits = torch.randint(0, 2**53, (num,), dtype=torch.int64, device=device, **drawn_by)
         return bits.to(torch.float64) * 2.0**-53
-    return torch.rand(num, dtype=torch.float64, device=device, generator=generator)
+    return torch.rand(num, dtype=torch.float64, device=device, **drawn_by)
 
 
 def seed_positions(
