@@ -123,10 +123,20 @@ def _apply(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 
 def plane_factor(pos: torch.Tensor, batch: tuple[int, int], geom: BlockGeometry, ndim: int) -> torch.Tensor:
-    """The rescaled keep factor of whole planes, ``(N, C', 1, ...)`` float32 with ``ndim`` dimensions.
+    """The rescaled keep factor of whole planes, where a block covers the map.
 
-    Where a block covers the map every seed position is a plane (or a sample, for ``C' = 1``):
-    the dense kernel multiplies by one factor per plane, loaded once per plane.
+    Every seed position is then a plane (a sample when ``C' = 1``), so the dense kernel
+    multiplies by one factor per plane, loaded once per plane.
+
+    Args:
+        pos: Seed positions as for :func:`keep_mask`, flat over ``(N, C')``.
+        batch: ``(N, C')``.
+        geom: The block geometry (``prod(geom.seed_grid) == 1``).
+        ndim: Dimensions of the input, 4 or 5.
+
+    Returns:
+        float32 ``(N, C', 1, ...)`` with ``ndim`` dimensions: 0. for a dropped plane, else the
+        rescale factor.
     """
     planes = batch[0] * batch[1]
     real, index = _seed_index(pos, planes)
