@@ -345,7 +345,9 @@ class TestWholePlanes:
         out = drop_block(x, 0.3, 7, shared_channels=shared)
         assert out.dtype == dtype and out.is_contiguous(memory_format=layout)
         assert torch.equal(out, self.expected(x, out, shared))
-        assert 0.2 < drop_fraction(out) < 0.4
+        # 2048 planes (10 sd from the bounds); shared: 64 samples, so only "some dropped, some kept"
+        low, high = (0.0, 1.0) if shared else (0.2, 0.4)
+        assert low < drop_fraction(out) < high
 
     @pytest.mark.parametrize(
         ("shape", "block", "region"),
@@ -384,7 +386,8 @@ class TestWholePlanes:
         dims = (1, 2, 3) if shared else (2, 3)
         per_plane = (out == 0).float().mean(dim=dims)
         assert set(per_plane.unique().tolist()) <= {0.0, 1.0}
-        assert 0.2 < per_plane.mean().item() < 0.4
+        low, high = (0.0, 1.0) if shared else (0.2, 0.4)  # as above: 64 samples when shared
+        assert low < per_plane.mean().item() < high
         kept = out[out != 0].float() / x[out != 0].float()
         scale = per_plane.numel() / (per_plane.numel() - per_plane.sum().item())
         assert kept.mean().item() == pytest.approx(scale, rel=1e-2 if dtype != torch.float32 else 1e-6)
