@@ -30,18 +30,13 @@ from dropblock_inject.op.geometry import (
     block_geometry,
     max_seeds,
 )
-from dropblock_inject.op.layout import is_dense, seed_batch, shared_strides, storage_view
+from dropblock_inject.op.layout import FACTOR_DTYPES, is_dense, seed_batch, shared_strides, storage_view
 from dropblock_inject.op.sampling import block_rows, fill_rows, seed_positions
 from dropblock_inject.op.traceable import drop_block_traceable
 
 __all__ = ["drop_block", "drop_block_traceable"]
 
 _COUNT_GROUP = 255 * 8  # bytes per group of _count_dropped
-# dtypes whose factor tensors (the scale folded into a mask) give the same product as a multiply
-# by the Python scalar: half types would round the scale to 8 or 11 bits first, and a float32
-# factor takes ATen's mixed-dtype loop (2-9x slower measured for bfloat16); they multiply by the
-# scalar (rescaled in float32, rounded once) and then by a 0/1 mask or through the block rows
-_FACTOR_DTYPES = (torch.float32, torch.float64)
 _SORT_COUNT_DENSITY = 100  # _count_without_map sorts block rows only below one per this many units
 BlockSize = int | Sequence[int]
 
@@ -200,7 +195,9 @@ class _DropBlockFunction(torch.autograd.Function):
         batch, num_pos = seed_batch(x, geom, shared)
         gamma = geom.seed_rate(rate, mode)
         pos = seed_positions(num_pos, max_seeds(num_pos, gamma), gamma, device=x.device, generator=generator)
-        if math.prod(geom.seed_grid) == 1 and x.dtype in _FACTOR_DTYPES:
+        # half inputs keep the rows path: a float32 factor tensor would take ATen's mixed-dtype loop
+        # (2-9x slower measured for bfloat16), a half one would round the scale
+        if math.prod(geom.seed_grid) == 1 and x.dtype in FACTOR_DTYPES:
             return _drop_planes(ctx, x, pos, batch, inplace)
         strides = shared_strides(x) if shared else x.stride()
         rows, width = block_rows(pos, geom, batch, strides)
@@ -301,10 +298,8 @@ def _scale_shared(t: torch.Tensor, dropped: torch.Tensor, scale: float, inplace:
     the scalar first (in float32), then by the exact 0/1 mask.
     """
     keep = (~dropped).view(t.shape[0], 1, *t.shape[2:]).to(t.dtype)
-    if t.dtype in _FACTOR_DTYPES:
+    if t.dtype in FACTOR_DTYPES:
         keep = keep.mul_(scale)
-    elif inplace:
-        t = t.mul_(scale)
-    else:
-        t, inplace = t * scale, True
-    return t.mul_(keep) if inplace else t * keep
+        return t.mul_(keep) if inplace else t * keep
+    scaled = t.mul_(scale) if inplace else t * scale
+    return scaled.mul_(keep)

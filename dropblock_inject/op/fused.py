@@ -177,7 +177,12 @@ def device_scalars(
         threshold = (gamma.to(torch.float64).clamp(0.0, 1.0) * 2.0**32).round().to(torch.int64).reshape(1)
     else:
         threshold = torch.full((1,), seed_threshold(gamma), dtype=torch.int64, device=device)
-    return threshold, torch.randint(0, _SEED_END, (1,), generator=generator, device=device)
+    return threshold, _device_seed(device, generator)
+
+
+def _device_seed(device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    """A Philox seed in ``[0, _SEED_END)`` as a 1-element int64 tensor drawn on ``device``."""
+    return torch.randint(0, _SEED_END, (1,), generator=generator, device=device)
 
 
 _SEED_END = 2**31 - 1  # seeds lie in [0, _SEED_END): Triton always types them int32
@@ -187,7 +192,7 @@ _SEED_BUFFERS = threading.local()  # a 0-d CPU int64 per thread, refilled by eac
 def _draw_seed(generator: torch.Generator | None) -> int:
     """The call's Philox seed, drawn on the host (by ``generator``, on its device)."""
     if generator is not None and generator.device.type != "cpu":
-        return int(torch.randint(0, _SEED_END, (1,), generator=generator, device=generator.device))
+        return int(_device_seed(generator.device, generator))
     buf = getattr(_SEED_BUFFERS, "buf", None)
     if buf is None:
         buf = _SEED_BUFFERS.buf = torch.empty((), dtype=torch.int64)

@@ -9,6 +9,10 @@ import torch
 from dropblock_inject.op.geometry import BlockGeometry
 
 EPS = 1e-7
+# dtypes whose own factor tensors (a scale folded into a mask) give the product that a multiply by
+# the Python scalar gives; half types would round the scale to 8 or 11 bits first, so they rescale
+# in float32 and round once
+FACTOR_DTYPES = (torch.float32, torch.float64)
 
 
 def storage_view(t: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from dropblock_inject.op.fused_compiled import compiled_eligible, fused_drop_block_traceable
 from dropblock_inject.op.geometry import BlockGeometry, max_seeds
-from dropblock_inject.op.layout import as_dense, contiguous_strides, rescale, seed_batch
+from dropblock_inject.op.layout import FACTOR_DTYPES, as_dense, contiguous_strides, rescale, seed_batch
 from dropblock_inject.op.sampling import block_rows, row_units, sample_seed_gaps
 
 __all__ = [
@@ -117,7 +117,7 @@ def drop_block_traceable(
 
 
 def _apply(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    if x.dtype in (torch.float32, torch.float64):
+    if x.dtype in FACTOR_DTYPES:
         return x * factor
     return (x.float() * factor).to(x.dtype)  # half types: rescale in float32, round once
 
