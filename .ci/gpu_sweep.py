@@ -1,6 +1,7 @@
 """The fused op on a CUDA GPU: loop and CUDA-graph times against ``x * 2``, launch paths, kernel profile.
 
-Run by ``.ci/gpu-check`` (``python .ci/gpu_sweep.py`` with the repository on ``PYTHONPATH``).
+Run by ``.ci/gpu-check`` (``python .ci/gpu_sweep.py [main|compiled|rest ...]`` with the repository on
+``PYTHONPATH``; no section named runs all).
 "loop" times back-to-back calls between synchronisations (`bench._sample`), so a CPU-bound op shows its launch cost;
 "graph" replays a captured CUDA graph of 10 calls, the GPU's time alone; "cpu" is the host
 time per call before the device catches up. "fused" is the default kernel set (``fused.KERNELS``),
@@ -17,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from dropblock_inject.bench import _sample
-from dropblock_inject.op import fused
+from dropblock_inject.op import fused, fused_compiled
 from dropblock_inject.op.functional import _DropBlockFunction
 from dropblock_inject.op.geometry import block_geometry
 
@@ -64,15 +65,16 @@ def cpu_time(fn: Callable[[], object], n: int = 200) -> float:
     return (t1 - t0) / n * 1e6
 
 
-def with_kernels(kernels: str, fn: Callable[[], object]) -> Callable[[], object]:
-    """``fn`` run with ``fused.KERNELS = kernels``."""
+def with_kernels(kernels: str, fn: Callable[[], object], compiled_op: bool = False) -> Callable[[], object]:
+    """``fn`` run with ``fused.KERNELS = kernels`` (and ``fused_compiled.COMPILED = compiled_op``)."""
 
     def call() -> object:
-        saved, fused.KERNELS = fused.KERNELS, kernels
+        saved = fused.KERNELS, fused_compiled.COMPILED
+        fused.KERNELS, fused_compiled.COMPILED = kernels, compiled_op
         try:
             return fn()
         finally:
-            fused.KERNELS = saved
+            fused.KERNELS, fused_compiled.COMPILED = saved
 
     return call
 
@@ -162,22 +164,61 @@ def profile_kernels() -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8))
 
 
-def main() -> int:
-    if not torch.cuda.is_available() or not fused.triton_available():
-        print("gpu_sweep: needs a CUDA device and Triton")
-        return 1
-    print(torch.__version__, torch.cuda.get_device_name())
+def compiled() -> None:
+    """``torch.compile`` at (64, 1024, 14, 14)/7: the traceable op and the fused kernels as a custom op
+    (``fused_compiled``, each kernel set), against the compiled ``x * 2``; default mode ("loop", host
+    time included) and ``mode="reduce-overhead"`` (CUDA graphs)."""
+    from dropblock_inject.op.module import DropBlock
+
+    x = torch.randn(64, 1024, 14, 14, device="cuda")
+    candidates = [("x*2", "tiles", False), ("traceable", "tiles", False), ("fused op tiles", "tiles", True),
+                  ("fused op flat", "flat", True)]  # fmt: skip
+    for mode in (None, "reduce-overhead"):
+        floor = None
+        for name, kernels, compiled_op in candidates:
+            fn = torch.compile((lambda t: t * 2.0) if name == "x*2" else DropBlock(0.1, 7).cuda(), fullgraph=True,
+                               dynamic=False, mode=mode)  # fmt: skip
+            call = with_kernels(kernels, lambda fn=fn: fn(x), compiled_op)
+            tag = f"compiled {mode or 'default':15s} {name:15s}"
+            try:
+                for _ in range(3):
+                    call()
+                t = loop_time(call)
+            except Exception as e:  # report and go on
+                print(f"{tag} FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
+            floor = floor or t
+            print(f"{tag} loop {t:8.1f} us {t / floor:5.2f}x compiled x*2", flush=True)
+
+
+def main_cases() -> None:
     case((64, 1024, 14, 14), 7, others=True)
     case((64, 1024, 14, 14), 7, channels_last=True)
+    knobs()
+    profile_kernels()
+
+
+def other_cases() -> None:
     case((32, 256, 56, 56), 7)
     case((64, 512, 28, 28), 7, channels_last=True, dtype=torch.float16)
     case((64, 256, 14, 14), 7)
     case((32, 2048, 7, 7), 3)
-    knobs()
+    case((32, 2048, 7, 7), 7)
     launch_paths()
-    profile_kernels()
+
+
+SECTIONS = {"main": main_cases, "compiled": compiled, "rest": other_cases}
+
+
+def main(argv: list[str]) -> int:
+    if not torch.cuda.is_available() or not fused.triton_available():
+        print("gpu_sweep: needs a CUDA device and Triton")
+        return 1
+    print(torch.__version__, torch.cuda.get_device_name())
+    for name in argv or list(SECTIONS):
+        SECTIONS[name]()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
