@@ -53,6 +53,17 @@ def graph_time(fn: Callable[[], object], per: int = 10, reps: int = 15) -> float
     return statistics.median(times)
 
 
+def kernel_time(fn: Callable[[], object], n: int = 20) -> float:
+    """Microseconds of GPU kernel time per call (the profiler's device time, summed over kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / n
+
+
 def cpu_time(fn: Callable[[], object], n: int = 200) -> float:
     for _ in range(5):
         fn()
@@ -108,22 +119,28 @@ def case(shape, block, p=0.1, channels_last=False, dtype=torch.float32, others=F
 
 
 def knobs() -> None:
-    """The flat set's apply block and warps, and the seed tile, at (64, 1024, 14, 14)/7 (graph ratios)."""
+    """The apply kernel's block and warps, and the seed kernel's tile and warps, at (64, 1024, 14, 14)/7
+    (graph ratios; 0 is the module's setting)."""
     x = torch.randn(64, 1024, 14, 14, device="cuda")
     geom = block_geometry((14, 14), (7, 7))
     gamma = geom.paper_gamma(0.1)
     floor = graph_time(lambda: x * 2.0)
-    saved = (fused.FLAT_BLOCK, fused.APPLY_WARPS, fused.SEED_TILE)
-    for kernels, block, warps, tile in [("tiles", 0, 4, 4096), ("tiles", 0, 4, 1024), ("flat", 2048, 4, 4096),
-                                        ("flat", 1024, 4, 4096), ("flat", 4096, 8, 4096), ("flat", 2048, 4, 1024),
-                                        ("flat", 2048, 4, 512)]:  # fmt: skip
-        fused.FLAT_BLOCK, fused.APPLY_WARPS, fused.SEED_TILE = block or saved[0], warps, tile
+    names = ("FLAT_BLOCK", "APPLY_WARPS", "SEED_TILE", "SEED_WARPS")
+    saved = tuple(getattr(fused, name) for name in names)
+    settings = [("tiles", 0, 0, 0, 0), ("flat", 0, 0, 0, 0), ("flat", 512, 4, 0, 0), ("flat", 1024, 2, 0, 0),
+                ("flat", 2048, 4, 0, 0), ("flat", 1024, 8, 0, 0), ("flat", 0, 0, 2048, 0), ("flat", 0, 0, 8192, 0),
+                ("flat", 0, 0, 16384, 0), ("flat", 0, 0, 0, 2), ("flat", 0, 0, 0, 8),
+                ("flat", 0, 0, 8192, 8)]  # fmt: skip
+    for kernels, *values in settings:
+        for name, value, default in zip(names, values, saved):
+            setattr(fused, name, value or default)
         fused._launch_for.cache_clear()
         fn = with_kernels(kernels, lambda: fused.fused_drop_block(x, gamma, geom, host_seed_in_capture=True))
         t = graph_time(fn)
-        print(f"knobs {kernels:5s} FLAT_BLOCK {block:5d} APPLY_WARPS {warps} SEED_TILE {tile:5d}: "
-              f"graph {t:7.1f} us {t / floor:5.2f}x x*2", flush=True)  # fmt: skip
-    fused.FLAT_BLOCK, fused.APPLY_WARPS, fused.SEED_TILE = saved
+        shown = " ".join(f"{name} {getattr(fused, name):5d}" for name in names)
+        print(f"knobs {kernels:5s} {shown}: graph {t:7.1f} us {t / floor:5.2f}x x*2", flush=True)
+    for name, default in zip(names, saved):
+        setattr(fused, name, default)
     fused._launch_for.cache_clear()
 
 
@@ -187,8 +204,10 @@ def compiled() -> None:
             except Exception as e:  # report and go on
                 print(f"{tag} FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue
-            floor = floor or t
-            print(f"{tag} loop {t:8.1f} us {t / floor:5.2f}x compiled x*2", flush=True)
+            gpu = kernel_time(call)
+            floor = floor or (t, gpu)
+            print(f"{tag} loop {t:8.1f} us {t / floor[0]:5.2f}x | kernels {gpu:7.1f} us {gpu / floor[1]:5.2f}x",
+                  flush=True)  # fmt: skip
 
 
 def main_cases() -> None:

@@ -154,6 +154,17 @@ class TestFusedSeeds:
         assert torch.equal(a, b) and not torch.equal(a, c)
         assert draws == [x.device] * 3  # a tensor seed on the input's device, read by the kernel
 
+    @pytest.mark.parametrize("in_memory", [False, True], ids=["by value", "in memory"])
+    def test_rates_at_the_ends_of_the_threshold_range(self, device, monkeypatch, kernels, in_memory) -> None:
+        # threshold 0 (no seed), 2**31 + 2**30 (its bit pattern a negative int32) and 2**32 (all seeds)
+        monkeypatch.setattr(fused, "_capturing", lambda x: in_memory)
+        x = torch.rand(4, 64, 16, 16, device=device) + 1.0
+        geom = block_geometry((16, 16), (1, 1))  # block 1: every seed drops its unit
+        assert torch.equal(fused_drop_block(x, 0.0, geom), x)
+        dropped = (fused_drop_block(x, 0.75, geom) == 0).float().mean().item()
+        assert dropped == pytest.approx(0.75, abs=0.009)  # 5 sd of 65k draws
+        assert not fused_drop_block(x, 1.0, geom).any()
+
     def test_inplace_marks_the_input_dirty(self, device) -> None:
         leaf = torch.randn(2, 4, 7, 7, device=device, requires_grad=True)
         x = leaf * 1.0
@@ -220,6 +231,16 @@ def test_seeds_follow_torch_manual_seed_and_fit_int32() -> None:
     assert fused._draw_seed(gen) == fused._draw_seed(torch.Generator().manual_seed(4))
 
 
+def test_seed_thresholds_go_by_value_as_32_bit_integers() -> None:
+    # a compiled kernel is launched directly with the argument types of its first launch: every
+    # threshold must take the same (int32) types, the small ones and those past 2**31
+    cases = {0: (-1, 0), 1: (0, 1), 2**31: (2**31 - 1, 1), 2**31 + 1: (-(2**31), 1), 2**32: (-1, 1)}
+    for threshold, expected in cases.items():
+        assert fused._by_value(threshold) == expected
+        last, _ = expected
+        assert (last & 0xFFFFFFFF) == (threshold - 1) & 0xFFFFFFFF and -(2**31) <= last < 2**31
+
+
 def test_launches_go_to_the_inputs_gpu(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert isinstance(fused._on_device_of(torch.empty(2)), contextlib.nullcontext)  # not CUDA
@@ -232,12 +253,15 @@ def test_launches_go_to_the_inputs_gpu(monkeypatch) -> None:
 
 def test_apply_tiles() -> None:
     geom = block_geometry((28, 28), (7, 7))
-    launch = fused._Launch((16, 64, 28, 28), geom)
+    launch = fused._Launch((16, 64, 28, 28), geom, "tiles")
     (planes, rows, _), contiguous = launch.apply_tiling(channels_last=False)
     assert (contiguous["BP"], contiguous["BH"], rows) == (2, 32, 1)  # whole planes, 2 per tile
     (planes, rows, _), cl = launch.apply_tiling(channels_last=True)
     assert (cl["BP"], cl["BH"], cl["BI"], rows) == (8, 8, 16, 4)  # 8 adjacent channels by 8 rows
     assert planes * cl["BP"] == 16 * 64 and cl["BP"] * cl["BH"] * cl["W_P2"] == fused.TILE_UNITS
+    flat = fused._Launch((16, 64, 28, 28), geom)  # the default set: blocks of storage order
+    (blocks, _, _), consts = flat.apply_tiling(channels_last=True)
+    assert blocks * fused.FLAT_BLOCK >= 16 * 64 * 28 * 28 > (blocks - 1) * fused.FLAT_BLOCK and consts["CHANNELS_LAST"]
 
 
 def test_eligibility() -> None:
@@ -315,7 +339,7 @@ def test_kernels_compile_for_an_h100(kernels, shape, block, dtype) -> None:
     launch = fused._Launch(shape, block_geometry(shape[2:], (block, block)), kernels)
     words = "*" + _TRITON_TYPES[launch.word_dtype]
     for in_memory in (False, True):
-        args = [words, "*i64", "*i64" if in_memory else "i32", "*i64" if in_memory else "i64", "i32"]
+        args = [words, "*i64", "*i64" if in_memory else "i32", "*i64" if in_memory else "i32", "i32", "i32"]
         compile_for_h100(getattr(_fused_kernels, launch.seed_kernel), args, launch.draw_consts(in_memory))
     for channels_last in (False, True):
         _, consts = launch.apply_tiling(channels_last)
@@ -348,6 +372,14 @@ class TestFusedOnCuda:
             outs.append([fused_drop_block(x, 0.02, geom, generator=g) for g in gens])
         assert all(torch.equal(a, b) for a, b in zip(*outs))
         assert fused._launch_for(tuple(x.shape), geom, kernels)._compiled  # later calls took the compiled kernels
+
+    def test_a_direct_launch_takes_any_rate(self, kernels) -> None:
+        # the seed kernel compiled at a small threshold, then launched directly past 2**31
+        x = torch.ones(8, 256, 16, 16, device="cuda")
+        geom = block_geometry((16, 16), (1, 1))
+        for gamma in (0.01, 0.75, 1.0, 0.0):
+            dropped = (fused_drop_block(x, gamma, geom) == 0).float().mean().item()
+            assert dropped == pytest.approx(gamma, abs=0.01)
 
     def test_no_host_sync(self, kernels) -> None:
         x = torch.randn(8, 64, 28, 28, device="cuda", requires_grad=True)

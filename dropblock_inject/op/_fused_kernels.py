@@ -58,39 +58,51 @@ def _dropped_rows(words, i, h, KH: tl.constexpr, KW: tl.constexpr):
 
 
 @triton.jit
-def _seed_words(seed, threshold, planes, n_planes, SH: tl.constexpr, SW: tl.constexpr, SH_P2: tl.constexpr,
-                SW_P4: tl.constexpr):  # fmt: skip
-    """The seed-row words ``(planes, SH_P2)`` as uint64: bit ``c`` is the seed in column ``c``.
+def _seed_words(seed, last, seeded, planes, n_planes, SH: tl.constexpr, SW: tl.constexpr, SH_P2: tl.constexpr,
+                SW_P4: tl.constexpr, WIDE: tl.constexpr):  # fmt: skip
+    """The seed-row words ``(planes, SH_P2)``: bit ``c`` is the seed in column ``c`` (uint64, or
+    uint32 where the rows are at most 32 wide: ``WIDE`` False).
 
     One Philox call gives the 32-bit draws of 4 neighbouring positions; a position is a seed
-    when its draw is below ``threshold = round(gamma * 2**32)``.
+    when ``seeded`` and its draw is at most ``last`` (uint32): below ``round(gamma * 2**32)``.
     """
     i = tl.arange(0, SH_P2)
     q = tl.arange(0, SW_P4)
-    live = (planes < n_planes)[:, None, None] & (i < SH)[None, :, None]
+    live = (planes < n_planes)[:, None, None] & (i < SH)[None, :, None] & seeded
     call = (planes[:, None, None] * SH + i[None, :, None]) * SW_P4 + q[None, None, :]
     r0, r1, r2, r3 = tl.randint4x(seed, call)
     col = 4 * q[None, None, :]
-    nib = ((r0.to(tl.uint32, bitcast=True).to(tl.int64) < threshold) & live & (col < SW)).to(tl.uint64)
-    nib |= ((r1.to(tl.uint32, bitcast=True).to(tl.int64) < threshold) & live & (col + 1 < SW)).to(tl.uint64) << 1
-    nib |= ((r2.to(tl.uint32, bitcast=True).to(tl.int64) < threshold) & live & (col + 2 < SW)).to(tl.uint64) << 2
-    nib |= ((r3.to(tl.uint32, bitcast=True).to(tl.int64) < threshold) & live & (col + 3 < SW)).to(tl.uint64) << 3
-    return tl.sum(nib << col.to(tl.uint64), axis=2)  # distinct bits: the sum is an or
+    word = tl.uint64 if WIDE else tl.uint32
+    nib = ((r0.to(tl.uint32, bitcast=True) <= last) & live & (col < SW)).to(word)
+    nib |= ((r1.to(tl.uint32, bitcast=True) <= last) & live & (col + 1 < SW)).to(word) << 1
+    nib |= ((r2.to(tl.uint32, bitcast=True) <= last) & live & (col + 2 < SW)).to(word) << 2
+    nib |= ((r3.to(tl.uint32, bitcast=True) <= last) & live & (col + 3 < SW)).to(word) << 3
+    return tl.sum(nib << col.to(word), axis=2)  # distinct bits: the sum is an or
 
 
 @triton.jit
-def _draw_planes(seed, threshold, n_planes, BP: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                 SH_P2: tl.constexpr, SW_P4: tl.constexpr, IN_MEMORY: tl.constexpr):  # fmt: skip
-    """The program's ``BP`` planes, the seed-row index and the planes' seed-row words (uint64).
+def _draw_planes(seed, last, seeded, n_planes, BP: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                 SH_P2: tl.constexpr, SW_P4: tl.constexpr, IN_MEMORY: tl.constexpr, WIDE: tl.constexpr):  # fmt: skip
+    """The program's ``BP`` planes, the seed-row index and the planes' seed-row words (see :func:`_seed_words`).
 
-    ``seed`` and ``threshold`` are integers, or with ``IN_MEMORY`` pointers to one int64 each
-    (drawn and worked out on the device: a compiled graph's, or under CUDA graph capture).
+    By value, ``last`` is the bit pattern of ``threshold - 1`` as int32 and ``seeded`` is
+    ``threshold > 0`` (0 or 1), for the seed threshold ``round(gamma * 2**32)``
+    (:func:`~dropblock_inject.op.fused.seed_threshold`): both always fit 32 bits, so the
+    compiled kernel's argument types never change with the rate. With ``IN_MEMORY``, ``seed``
+    and ``last`` point to one int64 each, the seed and the threshold (drawn and worked out on the
+    device: a compiled graph's, or under CUDA graph capture), and ``seeded`` is unused.
     """
     if IN_MEMORY:
         seed = tl.load(seed)
-        threshold = tl.load(threshold)
+        threshold = tl.load(last)
+        seeded = threshold > 0
+        last = (threshold - 1).to(tl.uint32)
+    else:
+        seeded = seeded != 0
+        last = last.to(tl.uint32, bitcast=True)
     planes = tl.program_id(0) * BP + tl.arange(0, BP)
-    return planes, tl.arange(0, SH_P2), _seed_words(seed, threshold, planes, n_planes, SH, SW, SH_P2, SW_P4)
+    words = _seed_words(seed, last, seeded, planes, n_planes, SH, SW, SH_P2, SW_P4, WIDE)
+    return planes, tl.arange(0, SH_P2), words
 
 
 @triton.jit
@@ -100,29 +112,27 @@ def _output_rows(words, i, H: tl.constexpr, H_P2: tl.constexpr, KH: tl.constexpr
     return h, tl.where((h < H)[None, :], _dropped_rows(words, i, h, KH, KW), 0)
 
 
-@triton.jit(do_not_specialize=["seed", "threshold"])
-def seed_kernel(words_ptr, count_ptr, seed, threshold, n_planes, H: tl.constexpr, SH: tl.constexpr,
+@triton.jit(do_not_specialize=["seed", "last", "seeded"])
+def seed_kernel(words_ptr, count_ptr, seed, last, seeded, n_planes, H: tl.constexpr, SH: tl.constexpr,
                 SW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BP: tl.constexpr, H_P2: tl.constexpr,
                 SH_P2: tl.constexpr, SW_P4: tl.constexpr, IN_MEMORY: tl.constexpr):  # fmt: skip
     """Draw the seeds of ``BP`` planes, store one word per seed row, add the dropped units to the count."""
-    planes, i, words = _draw_planes(seed, threshold, n_planes, BP, SH, SW, SH_P2, SW_P4, IN_MEMORY)
+    planes, i, words = _draw_planes(seed, last, seeded, n_planes, BP, SH, SW, SH_P2, SW_P4, IN_MEMORY, True)
     store = (planes < n_planes)[:, None] & (i < SH)[None, :]
     tl.store(words_ptr + planes[:, None] * SH + i[None, :], words.to(words_ptr.dtype.element_ty), mask=store)
     _, rows = _output_rows(words, i, H, H_P2, KH, KW)
     tl.atomic_add(count_ptr, tl.sum(tl.sum(_popcount(rows), axis=1), axis=0).to(tl.int64))
 
 
-@triton.jit(do_not_specialize=["seed", "threshold"])
-def seed_rows_kernel(rows_ptr, count_ptr, seed, threshold, n_planes, H: tl.constexpr, SH: tl.constexpr,
+@triton.jit(do_not_specialize=["seed", "last", "seeded"])
+def seed_rows_kernel(rows_ptr, count_ptr, seed, last, seeded, n_planes, H: tl.constexpr, SH: tl.constexpr,
                      SW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BP: tl.constexpr, H_P2: tl.constexpr,
                      SH_P2: tl.constexpr, SW_P4: tl.constexpr, IN_MEMORY: tl.constexpr,
                      WIDE: tl.constexpr):  # fmt: skip
     """The seeds of ``BP`` planes (the draws of :func:`seed_kernel`), stored as the dropped columns of
     every output row (one word per row, for :func:`apply_flat_kernel`); the dropped units are added
     to the count. Rows up to 32 wide are worked in 32 bits (``WIDE`` is False)."""
-    planes, i, words = _draw_planes(seed, threshold, n_planes, BP, SH, SW, SH_P2, SW_P4, IN_MEMORY)
-    if not WIDE:
-        words = words.to(tl.uint32)
+    planes, i, words = _draw_planes(seed, last, seeded, n_planes, BP, SH, SW, SH_P2, SW_P4, IN_MEMORY, WIDE)
     h, rows = _output_rows(words, i, H, H_P2, KH, KW)
     store = (planes < n_planes)[:, None] & (h < H)[None, :]
     tl.store(rows_ptr + planes[:, None] * H + h[None, :], rows.to(rows_ptr.dtype.element_ty), mask=store)
