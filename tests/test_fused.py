@@ -175,7 +175,7 @@ class TestFusedSeeds:
 
 
 class TestFusedCompiled:
-    """``DROPBLOCK_INJECT_FUSED_COMPILED=1``: the kernels as a custom op inside a compiled graph."""
+    """The kernels as a custom op inside a compiled graph (the default, ``fused_compiled.COMPILED``)."""
 
     def test_the_custom_op_passes_opcheck(self, device, kernels) -> None:
         x = torch.randn(2, 8, 14, 14, device=device, requires_grad=True)
@@ -411,8 +411,21 @@ class TestFusedOnCuda:
         for out in outs:
             assert_drop_block(x, out, geom.block)
 
+    def test_a_compiled_model_runs_the_kernels_by_default_at_every_batch_size(self, monkeypatch) -> None:
+        draws = []
+        draw = fused._Launch.draw
+        monkeypatch.setattr(fused._Launch, "draw", lambda self, t, s, d: draws.append(type(s)) or draw(self, t, s, d))
+        torch._dynamo.reset()
+        model = torch.nn.Sequential(torch.nn.Conv2d(8, 32, 3, padding=1), dbi.DropBlock(0.2, 7)).cuda().train()
+        fn = torch.compile(model)
+        for batch in (4, 3, 4, 2):  # the second size recompiles with dynamic shapes
+            x = torch.randn(batch, 8, 14, 14, device="cuda", requires_grad=True)
+            y = fn(x)
+            y.sum().backward()
+            assert is_union_of_blocks((y == 0).flatten(0, 1).float(), (7, 7)) and x.grad is not None
+        assert draws == [torch.Tensor] * 4  # the custom op: seed and threshold drawn in the graph
+
     def test_compiled_with_cuda_graphs_draws_new_blocks_at_every_replay(self, monkeypatch, kernels) -> None:
-        monkeypatch.setattr(fused_compiled, "COMPILED", True)
         torch._dynamo.reset()
         fn = torch.compile(dbi.DropBlock(0.2, 7).cuda().train(), mode="reduce-overhead", fullgraph=True)
         x = torch.randn(8, 64, 14, 14, device="cuda")
@@ -420,12 +433,14 @@ class TestFusedOnCuda:
         assert not torch.equal(outs[2], outs[3])
         assert all(is_union_of_blocks((o == 0).flatten(0, 1).float(), (7, 7)) for o in outs)
 
-    def test_drop_block_dispatches_to_the_fused_kernels(self) -> None:
+    def test_drop_block_dispatches_to_the_fused_kernels(self, kernels) -> None:
         x = torch.randn(4, 32, 14, 14, device="cuda", requires_grad=True)
         y = dbi.drop_block(x, 0.1, 7)
         assert y.grad_fn.__class__.__name__ == _FusedDropBlock.__name__ + "Backward"
-        words, count = y.grad_fn.saved_tensors  # one byte per seed row (8 seed columns) and the count
-        assert words.dtype == torch.uint8 and words.numel() == 4 * 32 * 8 and count.numel() == 1
+        words, count = y.grad_fn.saved_tensors
+        # tiles: one byte per seed row (8 seed columns); flat: 16 bits per output row (14 columns)
+        dtype, per_plane = (torch.uint8, 8) if kernels == "tiles" else (torch.int16, 14)
+        assert words.dtype == dtype and words.numel() == 4 * 32 * per_plane and count.numel() == 1
         x = torch.randn(4, 32, 14, 14, device="cuda", requires_grad=True)
         out = dbi.drop_block(x, 0.1, 7, shared_channels=True)
         assert "Fused" not in out.grad_fn.__class__.__name__

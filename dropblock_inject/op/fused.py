@@ -18,9 +18,9 @@ of planes by rows (``apply_kernel``). It gives the very same output. On an H200 
 was faster at every shape timed (graph replay at (64, 1024, 14, 14)/7: 1.76x the time of ``x * 2``
 against 2.25x), so it is the default.
 
-Under ``torch.compile`` the model runs the traceable op (:mod:`~dropblock_inject.op.traceable`),
-or with ``DROPBLOCK_INJECT_FUSED_COMPILED=1`` these kernels as a custom op
-(:mod:`~dropblock_inject.op.fused_compiled`).
+Under ``torch.compile`` a model calls these kernels as a custom op
+(:mod:`~dropblock_inject.op.fused_compiled`; ``DROPBLOCK_INJECT_FUSED_COMPILED=0`` gives the
+traceable op of :mod:`~dropblock_inject.op.traceable` instead).
 
 A plane's rows must fit one word and its rows one tile (``H, W <= 64``); other inputs take the
 ATen path of :mod:`dropblock_inject.op.functional`. ``DROPBLOCK_INJECT_FUSED=0`` turns this off.
