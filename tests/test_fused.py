@@ -244,10 +244,10 @@ def test_seed_thresholds_go_by_value_as_32_bit_integers() -> None:
 def test_launches_go_to_the_inputs_gpu(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert isinstance(fused._on_device_of(torch.empty(2)), contextlib.nullcontext)  # not CUDA
-    fake = type("Fake", (), {"device": torch.device("cuda", 1)})()
+    fake = type("Fake", (), {"get_device": lambda self: self.index, "index": 1})()  # a tensor on cuda:1
     guard = fused._on_device_of(fake)
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
-    fake.device = torch.device("cuda", 0)
+    fake.index = 0
     assert isinstance(fused._on_device_of(fake), contextlib.nullcontext)
 
 

@@ -75,17 +75,17 @@ def _triton_imports() -> bool:
 
 def fused_eligible(x: torch.Tensor, geom: BlockGeometry, shared: bool, *, device_type: str = "cuda") -> bool:
     """Whether :func:`fused_drop_block` handles ``x``: 4-D, per-channel, valid region, ``H, W <= 64``."""
+    if shared or geom.seed_region != "valid" or x.dim() != 4 or x.dtype not in _DTYPES:
+        return False
+    if not (x.is_cuda if device_type == "cuda" else x.device.type == device_type):  # is_cuda: no device object
+        return False
+    n, c, h, w = x.shape
     return (
-        x.device.type == device_type
-        and x.dim() == 4
-        and not shared
-        and geom.seed_region == "valid"
-        and x.dtype in _DTYPES
-        and x.shape[-1] <= WORD_BITS
-        and x.shape[-2] <= WORD_BITS
-        and 0 < x.numel() < _MAX_NUMEL
+        h <= WORD_BITS
+        and w <= WORD_BITS
+        and 0 < n * c * h * w < _MAX_NUMEL
+        and n * c * math.prod(geom.seed_grid) < _MAX_POSITIONS
         and is_dense(x)
-        and x.shape[0] * x.shape[1] * math.prod(geom.seed_grid) < _MAX_POSITIONS
         and triton_available()
     )
 
@@ -139,8 +139,8 @@ def _capturing(x: torch.Tensor) -> bool:
 def _on_device_of(x: torch.Tensor) -> contextlib.AbstractContextManager[object]:
     """Make ``x``'s GPU the current device while launching: Triton launches on the current device's
     stream (torch's own ops follow their tensors), so a model on ``cuda:1`` needs no ``set_device``."""
-    index = x.device.index
-    if x.device.type != "cuda" or index is None or index == torch.cuda.current_device():
+    index = x.get_device()  # -1 off CUDA
+    if index < 0 or index == torch.cuda.current_device():
         return contextlib.nullcontext()
     return torch.cuda.device(index)
 
