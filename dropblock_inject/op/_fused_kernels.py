@@ -44,8 +44,10 @@ def _as_u64(words, WORD_BITS: tl.constexpr):
 
 
 @triton.jit
-def _dropped_rows(words, i, h, KH: tl.constexpr, KW: tl.constexpr):
-    """Dropped columns of rows ``h`` as uint64 words, from the seed-row words ``(planes, i)``.
+def _dropped_rows(words, i, h, KH: tl.constexpr, KW: tl.constexpr, PLANES_LAST: tl.constexpr):
+    """Dropped columns of rows ``h``, from the seed-row words ``(planes, i)`` (``PLANES_LAST``:
+    ``(i, planes)``, and the rows ``(h, planes)``: each thread then works whole planes, with no
+    exchange between threads).
 
     Each seed row's word is spread over the block's width (``w | w << 1 | ...``); row ``h`` is
     the or of the spread words of seed rows ``h - KH < i <= h``.
@@ -54,30 +56,35 @@ def _dropped_rows(words, i, h, KH: tl.constexpr, KW: tl.constexpr):
     for t in tl.static_range(1, KW):
         spread = spread | (words << t)
     reach = (i[None, :] <= h[:, None]) & (i[None, :] > h[:, None] - KH)
-    return tl.reduce(tl.where(reach[None, :, :], spread[:, None, :], 0), 2, _bit_or)
+    if PLANES_LAST:
+        rows = tl.reduce(tl.where(reach[:, :, None], spread[None, :, :], 0), 1, _bit_or)
+    else:
+        rows = tl.reduce(tl.where(reach[None, :, :], spread[:, None, :], 0), 2, _bit_or)
+    return rows
 
 
 @triton.jit
 def _seed_words(seed, last, seeded, planes, n_planes, SH: tl.constexpr, SW: tl.constexpr, SH_P2: tl.constexpr,
                 SW_P4: tl.constexpr, WIDE: tl.constexpr):  # fmt: skip
-    """The seed-row words ``(planes, SH_P2)``: bit ``c`` is the seed in column ``c`` (uint64, or
-    uint32 where the rows are at most 32 wide: ``WIDE`` False).
+    """The seed-row words ``(SH_P2, planes)``: bit ``c`` is the seed in column ``c`` (uint64, or
+    uint32 where the rows are at most 32 wide: ``WIDE`` False). The planes are the last axis, so
+    that a thread draws and packs whole planes.
 
     One Philox call gives the 32-bit draws of 4 neighbouring positions; a position is a seed
     when ``seeded`` and its draw is at most ``last`` (uint32): below ``round(gamma * 2**32)``.
     """
     i = tl.arange(0, SH_P2)
     q = tl.arange(0, SW_P4)
-    live = (planes < n_planes)[:, None, None] & (i < SH)[None, :, None] & seeded
-    call = (planes[:, None, None] * SH + i[None, :, None]) * SW_P4 + q[None, None, :]
+    live = (i < SH)[:, None, None] & (planes < n_planes)[None, None, :] & seeded
+    call = (planes[None, None, :] * SH + i[:, None, None]) * SW_P4 + q[None, :, None]
     r0, r1, r2, r3 = tl.randint4x(seed, call)
-    col = 4 * q[None, None, :]
+    col = 4 * q[None, :, None]
     word = tl.uint64 if WIDE else tl.uint32
     nib = ((r0.to(tl.uint32, bitcast=True) <= last) & live & (col < SW)).to(word)
     nib |= ((r1.to(tl.uint32, bitcast=True) <= last) & live & (col + 1 < SW)).to(word) << 1
     nib |= ((r2.to(tl.uint32, bitcast=True) <= last) & live & (col + 2 < SW)).to(word) << 2
     nib |= ((r3.to(tl.uint32, bitcast=True) <= last) & live & (col + 3 < SW)).to(word) << 3
-    return tl.sum(nib << col.to(word), axis=2)  # distinct bits: the sum is an or
+    return tl.sum(nib << col.to(word), axis=1)  # distinct bits: the sum is an or
 
 
 @triton.jit
@@ -107,9 +114,9 @@ def _draw_planes(seed, last, seeded, n_planes, BP: tl.constexpr, SH: tl.constexp
 
 @triton.jit
 def _output_rows(words, i, H: tl.constexpr, H_P2: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr):
-    """The output-row index and each output row's dropped columns (0 past ``H``)."""
+    """The output-row index and each output row's dropped columns ``(H_P2, planes)`` (0 past ``H``)."""
     h = tl.arange(0, H_P2)
-    return h, tl.where((h < H)[None, :], _dropped_rows(words, i, h, KH, KW), 0)
+    return h, tl.where((h < H)[:, None], _dropped_rows(words, i, h, KH, KW, True), 0)
 
 
 @triton.jit(do_not_specialize=["seed", "last", "seeded"])
@@ -118,8 +125,8 @@ def seed_kernel(words_ptr, count_ptr, seed, last, seeded, n_planes, H: tl.conste
                 SH_P2: tl.constexpr, SW_P4: tl.constexpr, IN_MEMORY: tl.constexpr):  # fmt: skip
     """Draw the seeds of ``BP`` planes, store one word per seed row, add the dropped units to the count."""
     planes, i, words = _draw_planes(seed, last, seeded, n_planes, BP, SH, SW, SH_P2, SW_P4, IN_MEMORY, True)
-    store = (planes < n_planes)[:, None] & (i < SH)[None, :]
-    tl.store(words_ptr + planes[:, None] * SH + i[None, :], words.to(words_ptr.dtype.element_ty), mask=store)
+    store = (i < SH)[:, None] & (planes < n_planes)[None, :]
+    tl.store(words_ptr + planes[None, :] * SH + i[:, None], words.to(words_ptr.dtype.element_ty), mask=store)
     _, rows = _output_rows(words, i, H, H_P2, KH, KW)
     tl.atomic_add(count_ptr, tl.sum(tl.sum(_popcount(rows), axis=1), axis=0).to(tl.int64))
 
@@ -134,8 +141,8 @@ def seed_rows_kernel(rows_ptr, count_ptr, seed, last, seeded, n_planes, H: tl.co
     to the count. Rows up to 32 wide are worked in 32 bits (``WIDE`` is False)."""
     planes, i, words = _draw_planes(seed, last, seeded, n_planes, BP, SH, SW, SH_P2, SW_P4, IN_MEMORY, WIDE)
     h, rows = _output_rows(words, i, H, H_P2, KH, KW)
-    store = (planes < n_planes)[:, None] & (h < H)[None, :]
-    tl.store(rows_ptr + planes[:, None] * H + h[None, :], rows.to(rows_ptr.dtype.element_ty), mask=store)
+    store = (h < H)[:, None] & (planes < n_planes)[None, :]
+    tl.store(rows_ptr + planes[None, :] * H + h[:, None], rows.to(rows_ptr.dtype.element_ty), mask=store)
     count = _popcount(rows) if WIDE else _popcount32(rows)
     tl.atomic_add(count_ptr, tl.sum(tl.sum(count, axis=1), axis=0).to(tl.int64))
 
@@ -152,7 +159,7 @@ def apply_kernel(src_ptr, out_ptr, words_ptr, count_ptr, numel, n_planes, s_n, s
     i = tl.maximum(h0 - (KH - 1), 0) + tl.arange(0, BI)  # the seed rows that reach these rows
     load = (planes < n_planes)[:, None] & (i < SH)[None, :]
     words = _as_u64(tl.load(words_ptr + planes[:, None] * SH + i[None, :], mask=load, other=0), WORD_BITS)
-    rows = _dropped_rows(words, i, h, KH, KW)
+    rows = _dropped_rows(words, i, h, KH, KW, False)
     w = tl.arange(0, W_P2)
     dropped = ((rows[:, :, None] >> w[None, None, :].to(tl.uint64)) & 1) != 0
     base = (planes // C).to(tl.int64) * s_n + (planes % C).to(tl.int64) * s_c
