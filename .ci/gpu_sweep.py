@@ -128,9 +128,9 @@ def knobs() -> None:
     names = ("FLAT_BLOCK", "APPLY_WARPS", "SEED_TILE", "SEED_WARPS")
     saved = tuple(getattr(fused, name) for name in names)
     settings = [("tiles", 0, 0, 0, 0), ("flat", 0, 0, 0, 0), ("flat", 512, 4, 0, 0), ("flat", 1024, 2, 0, 0),
-                ("flat", 2048, 4, 0, 0), ("flat", 1024, 8, 0, 0), ("flat", 0, 0, 4096, 0), ("flat", 0, 0, 8192, 0),
-                ("flat", 0, 0, 32768, 0), ("flat", 0, 0, 0, 2), ("flat", 0, 0, 0, 8),
-                ("flat", 0, 0, 32768, 8)]  # fmt: skip
+                ("flat", 2048, 4, 0, 0), ("flat", 1024, 8, 0, 0), ("flat", 0, 0, 2048, 0), ("flat", 0, 0, 8192, 0),
+                ("flat", 0, 0, 8192, 2), ("flat", 0, 0, 16384, 4), ("flat", 0, 0, 0, 2),
+                ("flat", 0, 0, 0, 4)]  # fmt: skip
     for kernels, *values in settings:
         for name, value, default in zip(names, values, saved):
             setattr(fused, name, value or default)

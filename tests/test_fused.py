@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -304,10 +305,11 @@ _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "
                  torch.int16: "i16", torch.int32: "i32", torch.int64: "i64"}  # fmt: skip
 
 
-def compile_for_h100(kernel, types: list[str], consts: dict, divisible: tuple[int, ...] = ()) -> str:
+def compile_for_h100(kernel, types: list[str], consts: dict, divisible: tuple[int, ...] = (), warps: int = 4) -> dict:
     """Compile ``kernel`` (its leading arguments of Triton ``types``, then ``consts``) to an sm_90
-    cubin with Triton's own ptxas (no GPU needed); returns the PTX. Pointers, and the integer
-    arguments at ``divisible``, are known to be multiples of 16, as Triton specialises them."""
+    cubin with Triton's own ptxas (no GPU needed); returns the assembly (``"ptx"``, ``"cubin"``).
+    Pointers, and the integer arguments at ``divisible``, are known to be multiples of 16, as
+    Triton specialises them."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -315,9 +317,9 @@ def compile_for_h100(kernel, types: list[str], consts: dict, divisible: tuple[in
     signature = {**dict(zip(kernel.arg_names, types)), **dict.fromkeys(consts, "constexpr")}
     aligned = {(i,): [["tt.divisibility", 16]] for i, kind in enumerate(types) if kind[0] == "*" or i in divisible}
     source = ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=aligned)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": fused.APPLY_WARPS})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     assert compiled.asm["cubin"]
-    return compiled.asm["ptx"]
+    return compiled.asm
 
 
 @pytest.mark.skipif(
@@ -340,15 +342,41 @@ def test_kernels_compile_for_an_h100(kernels, shape, block, dtype) -> None:
     words = "*" + _TRITON_TYPES[launch.word_dtype]
     for in_memory in (False, True):
         args = [words, "*i64", "*i64" if in_memory else "i32", "*i64" if in_memory else "i32", "i32", "i32"]
-        compile_for_h100(getattr(_fused_kernels, launch.seed_kernel), args, launch.draw_consts(in_memory))
+        consts = launch.draw_consts(in_memory)
+        compile_for_h100(getattr(_fused_kernels, launch.seed_kernel), args, consts, warps=fused.SEED_WARPS)
     for channels_last in (False, True):
         _, consts = launch.apply_tiling(channels_last)
         data = "*" + _TRITON_TYPES[dtype]
         args = [data, data, words, "*i64", "i32"] + (["i32"] * 5 if kernels == "tiles" else [])  # planes, strides
         divisible = (4,) if launch.numel % 16 == 0 else ()  # numel
-        ptx = compile_for_h100(getattr(_fused_kernels, launch.apply_kernel), args, consts, divisible)
+        kernel = getattr(_fused_kernels, launch.apply_kernel)
+        ptx = compile_for_h100(kernel, args, consts, divisible, fused.APPLY_WARPS)["ptx"]
         if kernels == "flat":
             assert "ld.global.v4" in ptx and "st.global.v4" in ptx  # whole vectors in storage order
+
+
+@pytest.mark.skipif(
+    HAS_CUDA or INTERPRETED or not triton_available(), reason="on a GPU the kernels run; here they are compiled"
+)
+def test_the_seed_kernel_works_whole_planes_per_thread(tmp_path) -> None:
+    # the planes are the tile's last axis, so a thread draws, packs and dilates whole planes: the
+    # sm_90 code of the default seed kernel at 14x14/7 is about 1,400 instructions per plane
+    # (4,288 with the planes first, whose row reductions went through shuffles and shared memory)
+    import triton
+
+    from dropblock_inject.op import _fused_kernels
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not cuobjdump.exists():
+        pytest.skip("Triton ships no cuobjdump here")
+    launch = fused._Launch((64, 1024, 14, 14), block_geometry((14, 14), (7, 7)))
+    consts = launch.draw_consts(False)
+    kernel = getattr(_fused_kernels, launch.seed_kernel)
+    asm = compile_for_h100(kernel, ["*i16", "*i64", "i32", "i32", "i32", "i32"], consts, warps=fused.SEED_WARPS)
+    (tmp_path / "seed.cubin").write_bytes(asm["cubin"])
+    sass = subprocess.run([cuobjdump, "-sass", tmp_path / "seed.cubin"], capture_output=True, text=True).stdout
+    instructions = len(re.findall(r"/\*[0-9a-f]{4}\*/\s+\S", sass))
+    assert 0 < instructions * 32 * fused.SEED_WARPS / consts["BP"] < 2000
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_GPU)

@@ -42,8 +42,8 @@ from dropblock_inject.op.layout import as_dense, is_dense
 WORD_BITS = 64
 TILE_UNITS = 2048  # units of the input per program of the apply kernel
 APPLY_WARPS = 4
-SEED_TILE = 16384  # (row, seed row, plane) triples per program of the seed kernel: 128 planes at 14x14/7
-SEED_WARPS = 4
+SEED_TILE = 4096  # (row, seed row, plane) triples per program of the seed kernel: 32 planes at 14x14/7
+SEED_WARPS = 1  # one warp: a thread per plane at 14x14/7, and four times the programs of 4 warps
 DIRECT_LAUNCH = True  # launch a compiled kernel directly after its first launch (see _Launch)
 CHANNELS_LAST_PLANES = 8  # channels_last: channels per apply tile at least (adjacent in memory)
 KERNEL_SETS = ("tiles", "flat")  # seed words + tiled apply; row words + storage-order apply
