@@ -6,8 +6,9 @@ ships with PyTorch's CUDA wheels):
 * ``seed_rows_kernel`` draws a tile of planes' seeds with Philox (``tl.randint4x``, keyed by one
   integer seed per call and the seed position), turns them into each output row's dropped
   columns (the seed-row words spread over the block's width, or-ed over its height), stores one
-  word per output row (of the fewest bits that hold a row: 16 for 14 columns) and adds their popcounts to the call's
-  dropped count.
+  word per output row (of the fewest bits that hold a row: 16 for 14 columns) and adds their
+  popcounts to the call's dropped count. Each thread works whole planes (the planes are the
+  tile's last axis), so no data moves between threads.
 * ``apply_flat_kernel`` walks the input in storage order (contiguous or channels_last) with whole
   vectors and writes ``x * keep * numel / kept`` in one pass, each unit reading its row's word.
   Backward is the same kernel on the gradient: it keeps the row words and the count.
