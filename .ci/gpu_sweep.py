@@ -5,7 +5,7 @@ Run by ``.ci/gpu-check`` (``python .ci/gpu_sweep.py [main|compiled|rest ...]`` w
 "loop" times back-to-back calls between synchronisations (`bench._sample`), so a CPU-bound op shows its launch cost;
 "graph" replays a captured CUDA graph of 10 calls, the GPU's time alone; "cpu" is the host
 time per call before the device catches up. "fused" is the default kernel set (``fused.KERNELS``),
-"fused flat" the row-word set with the storage-order apply; ``knobs`` times the tile sizes.
+"fused tiles" the seed-word set with the tiled apply; ``knobs`` times the tile sizes and warps.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def case(shape, block, p=0.1, channels_last=False, dtype=torch.float32, others=F
     fns = {
         "x*2": lambda: x * 2.0,
         "fused": lambda: fused.fused_drop_block(x, gamma, geom, host_seed_in_capture=True),
-        "fused flat": with_kernels("flat", lambda: fused.fused_drop_block(x, gamma, geom, host_seed_in_capture=True)),
+        "fused tiles": with_kernels("tiles", lambda: fused.fused_drop_block(x, gamma, geom, host_seed_in_capture=True)),
         "aten": lambda: _DropBlockFunction.apply(x, p, geom, False, "paper", None, False),
     }
     if others:
@@ -112,7 +112,7 @@ def case(shape, block, p=0.1, channels_last=False, dtype=torch.float32, others=F
     base = None
     for name, fn in fns.items():
         loop, cpu = loop_time(fn), cpu_time(fn)
-        graph = graph_time(fn) if name in ("x*2", "fused", "fused flat") else float("nan")
+        graph = graph_time(fn) if name in ("x*2", "fused", "fused tiles") else float("nan")
         base = base or (loop, graph)
         print(f"{tag:34s} {name:12s} loop {loop:8.1f} us {loop / base[0]:6.2f}x | "
               f"graph {graph:7.1f} us {graph / base[1]:5.2f}x | cpu {cpu:7.1f} us", flush=True)  # fmt: skip
@@ -171,11 +171,11 @@ def profile_kernels() -> None:
 
     x = torch.randn(64, 1024, 14, 14, device="cuda")
     geom = block_geometry((14, 14), (7, 7))
-    flat = with_kernels("flat", lambda: fused.fused_drop_block(x, geom.paper_gamma(0.1), geom))
+    tiles = with_kernels("tiles", lambda: fused.fused_drop_block(x, geom.paper_gamma(0.1), geom))
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(20):
             fused.fused_drop_block(x, geom.paper_gamma(0.1), geom)
-            flat()
+            tiles()
             x * 2.0
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8))

@@ -241,8 +241,9 @@ class _Launch:
     which costs more CPU time than the kernels take on the GPU at these sizes. After the first
     launch for a key (the shape, here, plus strides, dtype and device) the compiled kernel is
     launched directly. The key fixes every argument Triton specialises on, except the pointers,
-    which must then be 16-byte aligned (fresh allocations are), and the seed and threshold,
-    which are never specialised (``do_not_specialize``).
+    which must then be 16-byte aligned (fresh allocations are), and the seed and rate, which are
+    never specialised (``do_not_specialize``) and always int32 by value (:func:`_by_value`), so
+    their types hold too.
     """
 
     def __init__(self, shape: tuple[int, ...], geom: BlockGeometry, kernels: str = "flat") -> None:
