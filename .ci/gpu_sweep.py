@@ -1,6 +1,6 @@
 """The fused op on a CUDA GPU: loop and CUDA-graph times against ``x * 2``, launch paths, kernel profile.
 
-Run by ``.ci/gpu-check`` (``python .ci/gpu_sweep.py [main|compiled|rest ...]`` with the repository on
+Run by ``.ci/gpu-check`` (``python .ci/gpu_sweep.py [main|compiled|rest|host ...]`` with the repository on
 ``PYTHONPATH``; no section named runs all).
 "loop" times back-to-back calls between synchronisations (`bench._sample`), so a CPU-bound op shows its launch cost;
 "graph" replays a captured CUDA graph of 10 calls, the GPU's time alone; "cpu" is the host
@@ -210,6 +210,48 @@ def compiled() -> None:
                   flush=True)  # fmt: skip
 
 
+def host_costs() -> None:
+    """Where the host time of one forward call at (64, 1024, 14, 14)/7 goes: each piece alone, in
+    microseconds of CPU per call (median of 5 runs of :func:`cpu_time`), against ``x * 2``."""
+    x = torch.randn(64, 1024, 14, 14, device="cuda")
+    xg = x.clone().requires_grad_()
+    geom = block_geometry((14, 14), (7, 7))
+    gamma = geom.paper_gamma(0.1)
+    launch = fused._launch_for(tuple(x.shape), geom, fused.KERNELS)
+    threshold, out = fused.seed_threshold(gamma), torch.empty_like(x)
+    words, count = launch.draw(threshold, 1, x.device)
+    n_words = launch.n_planes * launch.words_per_plane
+
+    class Identity(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t, *rest):
+            ctx.save_for_backward(words, count)
+            return t
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad, None, None, None, None
+
+    pieces = {
+        "x*2": lambda: x * 2.0,
+        "torch.empty_like(x)": lambda: torch.empty_like(x),
+        "torch.empty(words)": lambda: torch.empty(n_words, dtype=launch.word_dtype, device=x.device),
+        "torch.zeros(1) count": lambda: torch.zeros(1, dtype=torch.int64, device=x.device),
+        "_draw_seed": lambda: fused._draw_seed(None),
+        "is_current_stream_capturing": torch.cuda.is_current_stream_capturing,
+        "Function.apply (no grad)": lambda: Identity.apply(x, threshold, 1, geom, False),
+        "Function.apply (grad)": lambda: Identity.apply(xg, threshold, 1, geom, False),
+        "launch.draw (alloc+zeros+seed)": lambda: launch.draw(threshold, 1, x.device),
+        "launch.apply (flat launch)": lambda: launch.apply(x, out, words, count),
+        "launch.run": lambda: launch.run(x, out, threshold, 1),
+        "fused_drop_block": lambda: fused.fused_drop_block(x, gamma, geom),
+        "fused_drop_block (grad)": lambda: fused.fused_drop_block(xg, gamma, geom),
+    }
+    for name, fn in pieces.items():
+        t = statistics.median(cpu_time(fn) for _ in range(5))
+        print(f"host {name:32s} {t:7.1f} us cpu per call", flush=True)
+
+
 def main_cases() -> None:
     case((64, 1024, 14, 14), 7, others=True)
     case((64, 1024, 14, 14), 7, channels_last=True)
@@ -226,7 +268,7 @@ def other_cases() -> None:
     launch_paths()
 
 
-SECTIONS = {"main": main_cases, "compiled": compiled, "rest": other_cases}
+SECTIONS = {"main": main_cases, "compiled": compiled, "rest": other_cases, "host": host_costs}
 
 
 def main(argv: list[str]) -> int:
