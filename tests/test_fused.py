@@ -176,7 +176,7 @@ class TestFusedSeeds:
 
 
 class TestFusedCompiled:
-    """The kernels as a custom op inside a compiled graph (the default, ``fused_compiled.COMPILED``)."""
+    """The kernels as a custom op inside a compiled graph (``fused_compiled.COMPILED``, off by default)."""
 
     def test_the_custom_op_passes_opcheck(self, device, kernels) -> None:
         x = torch.randn(2, 8, 14, 14, device=device, requires_grad=True)
@@ -380,6 +380,15 @@ def test_the_seed_kernel_works_whole_planes_per_thread(tmp_path) -> None:
     assert 0 < instructions * 32 * fused.SEED_WARPS / consts["BP"] < 2000
 
 
+def test_compiled_models_take_the_traceable_op_unless_asked() -> None:
+    code = "from dropblock_inject.op import fused_compiled as f; print(f.COMPILED)"
+    env = {k: v for k, v in os.environ.items() if k != "DROPBLOCK_INJECT_FUSED_COMPILED"}
+    for value, expected in ((None, "False"), ("1", "True"), ("0", "False")):
+        run_env = env if value is None else {**env, "DROPBLOCK_INJECT_FUSED_COMPILED": value}
+        out = subprocess.run([sys.executable, "-c", code], env=run_env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_GPU)
 class TestFusedOnCuda:
     def test_drop_rate_matches_expected_at_scale(self) -> None:
@@ -440,7 +449,9 @@ class TestFusedOnCuda:
         for out in outs:
             assert_drop_block(x, out, geom.block)
 
-    def test_a_compiled_model_runs_the_kernels_by_default_at_every_batch_size(self, monkeypatch) -> None:
+    @pytest.mark.parametrize("compiled_op", [True, False])
+    def test_a_compiled_model_at_every_batch_size(self, monkeypatch, compiled_op) -> None:
+        monkeypatch.setattr(fused_compiled, "COMPILED", compiled_op)
         draws = []
         draw = fused._Launch.draw
         monkeypatch.setattr(fused._Launch, "draw", lambda self, t, s, d: draws.append(type(s)) or draw(self, t, s, d))
@@ -452,9 +463,12 @@ class TestFusedOnCuda:
             y = fn(x)
             y.sum().backward()
             assert is_union_of_blocks((y == 0).flatten(0, 1).float(), (7, 7)) and x.grad is not None
-        assert draws == [torch.Tensor] * 4  # the custom op: seed and threshold drawn in the graph
+        # the custom op draws seed and threshold in the graph; the traceable op never reaches the kernels
+        assert draws == ([torch.Tensor] * 4 if compiled_op else [])
 
-    def test_compiled_with_cuda_graphs_draws_new_blocks_at_every_replay(self, monkeypatch, kernels) -> None:
+    @pytest.mark.parametrize("compiled_op", [True, False])
+    def test_compiled_with_cuda_graphs_draws_new_blocks_per_replay(self, monkeypatch, kernels, compiled_op) -> None:
+        monkeypatch.setattr(fused_compiled, "COMPILED", compiled_op)
         torch._dynamo.reset()
         fn = torch.compile(dbi.DropBlock(0.2, 7).cuda().train(), mode="reduce-overhead", fullgraph=True)
         x = torch.randn(8, 64, 14, 14, device="cuda")

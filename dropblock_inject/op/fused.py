@@ -15,13 +15,14 @@ ships with PyTorch's CUDA wheels):
 
 The first pair of kernels, ``KERNELS = "tiles"`` (``DROPBLOCK_INJECT_FUSED_KERNELS=tiles``), draws
 the same seeds but stores one word per seed row (``seed_kernel``) and rebuilds the rows in tiles
-of planes by rows (``apply_kernel``). It gives the very same output. On an H200 the flat pair
-was faster at every shape timed (graph replay at (64, 1024, 14, 14)/7: 1.76x the time of ``x * 2``
-against 2.25x), so it is the default.
+of planes by rows (``apply_kernel``). It gives the very same output. The flat pair was faster at
+every shape timed but one (graph replay at (64, 1024, 14, 14)/7: 1.28x the time of ``x * 2``
+against 1.46x on an H100, 1.76x against 2.25x on an H200 before the seed kernels' rewrite), so it
+is the default.
 
-Under ``torch.compile`` a model calls these kernels as a custom op
-(:mod:`~dropblock_inject.op.fused_compiled`; ``DROPBLOCK_INJECT_FUSED_COMPILED=0`` gives the
-traceable op of :mod:`~dropblock_inject.op.traceable` instead).
+Under ``torch.compile`` a model takes the traceable op of :mod:`~dropblock_inject.op.traceable`,
+which Inductor fuses with its neighbours; ``DROPBLOCK_INJECT_FUSED_COMPILED=1`` makes it call
+these kernels as a custom op instead (:mod:`~dropblock_inject.op.fused_compiled`).
 
 A plane's rows must fit one word and its rows one tile (``H, W <= 64``); other inputs take the
 ATen path of :mod:`dropblock_inject.op.functional`. ``DROPBLOCK_INJECT_FUSED=0`` turns this off.

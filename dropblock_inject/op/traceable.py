@@ -98,7 +98,7 @@ def drop_block_traceable(
         (torch.Size([4, 8, 14, 14]), torch.float32)
     """
     seed_rate = seed_rate_tensor(geom, rate, gamma) if isinstance(rate, torch.Tensor) else geom.seed_rate(rate, gamma)
-    if compiled_eligible(x, geom, shared_channels, generator):  # CUDA, unless DROPBLOCK_INJECT_FUSED_COMPILED=0
+    if compiled_eligible(x, geom, shared_channels, generator):  # CUDA with DROPBLOCK_INJECT_FUSED_COMPILED=1
         return fused_drop_block_traceable(x, seed_rate, geom)
     x = as_dense(x)
     batch, num_pos = seed_batch(x, geom, shared_channels)
