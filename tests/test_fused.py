@@ -68,6 +68,16 @@ def case_input(shape, block, gamma, channels_last, dtype, device):
     return x, block_geometry(shape[2:], (block, block) if isinstance(block, int) else block)
 
 
+def record_draws(monkeypatch, what=type) -> list:
+    """Record ``what`` of the seed (its type by default) at every ``_Launch.draw``."""
+    draws = []
+    draw = fused._Launch.draw
+    monkeypatch.setattr(
+        fused._Launch, "draw", lambda self, t, s, *rest: draws.append(what(s)) or draw(self, t, s, *rest)
+    )
+    return draws
+
+
 def assert_drop_block(x: torch.Tensor, y: torch.Tensor, block: tuple[int, int]) -> None:
     """``y`` zeroes a union of whole valid-region blocks and rescales the rest by ``numel / kept``."""
     dropped = (y == 0) & (x != 0)
@@ -143,9 +153,7 @@ class TestFusedSeeds:
         monkeypatch.setattr(fused, "_capturing", lambda x: True)  # what CUDA graph capture sees
         x = torch.randn(2, 16, 14, 14, device=device)
         geom = block_geometry((14, 14), (7, 7))
-        draws = []
-        draw = fused._Launch.draw
-        monkeypatch.setattr(fused._Launch, "draw", lambda self, t, s, d: draws.append(s.device) or draw(self, t, s, d))
+        draws = record_draws(monkeypatch, lambda s: s.device)
         torch.manual_seed(3)
         a = fused_drop_block(x, 0.05, geom)
         torch.manual_seed(3)
@@ -165,6 +173,20 @@ class TestFusedSeeds:
         dropped = (fused_drop_block(x, 0.75, geom) == 0).float().mean().item()
         assert dropped == pytest.approx(0.75, abs=0.009)  # 5 sd of 65k draws
         assert not fused_drop_block(x, 1.0, geom).any()
+
+    def test_a_saved_count_outlives_later_calls(self, device, monkeypatch, kernels) -> None:
+        # pools of two zeroed counts: the later calls take new pools while the first call's count is saved
+        monkeypatch.setattr(fused, "COUNT_POOL", 2)
+        monkeypatch.setattr(fused, "_COUNT_POOLS", {})
+        geom = block_geometry((14, 14), (7, 7))
+        x = (torch.rand(2, 16, 14, 14, device=device) + 1.0).requires_grad_()
+        ys = [fused_drop_block(x, 0.05, geom) for _ in range(5)]
+        for y in ys:
+            count = y.grad_fn.saved_tensors[1]
+            assert count.item() == (y == 0).sum().item() > 0  # each call counted into its own zeroed slot
+        (dx,) = torch.autograd.grad(ys[0], x, torch.ones_like(ys[0]))
+        scale = x.numel() / (ys[0] != 0).sum().item()
+        torch.testing.assert_close(dx, torch.where(ys[0] == 0, 0.0, scale), rtol=1e-6, atol=0.0)
 
     def test_inplace_marks_the_input_dirty(self, device) -> None:
         leaf = torch.randn(2, 4, 7, 7, device=device, requires_grad=True)
@@ -192,9 +214,7 @@ class TestFusedCompiled:
 
         monkeypatch.setattr(fused_compiled, "COMPILED", True)
         monkeypatch.setattr(fused_compiled, "_COMPILED_DEVICE", device)
-        draws = []
-        draw = fused._Launch.draw
-        monkeypatch.setattr(fused._Launch, "draw", lambda self, t, s, d: draws.append(type(s)) or draw(self, t, s, d))
+        draws = record_draws(monkeypatch)
         torch._dynamo.reset()
         counter = CompileCounterWithBackend("inductor")
         geom = block_geometry((14, 14), (7, 7))
@@ -220,6 +240,18 @@ def test_a_cpu_generator_is_refused_during_capture(monkeypatch) -> None:
     x = torch.randn(2, 4, 14, 14)
     with pytest.raises(RuntimeError, match="a CPU generator cannot do: pass a CUDA generator"):
         fused_drop_block(x, 0.01, block_geometry((14, 14), (7, 7)), generator=torch.Generator())
+
+
+def test_zeroed_counts_are_single_use_aligned_slots(monkeypatch) -> None:
+    monkeypatch.setattr(fused, "COUNT_POOL", 3)
+    monkeypatch.setattr(fused, "_COUNT_POOLS", {})
+    with torch.inference_mode():  # the first pool is made here; its slots must still serve autograd
+        counts = [fused._zeroed_count(torch.device("cpu")) for _ in range(2)]
+    counts += [fused._zeroed_count(torch.device("cpu")) for _ in range(5)]
+    assert len({c.data_ptr() for c in counts}) == 7 and all(c.data_ptr() % 16 == 0 for c in counts)
+    assert all(c.shape == (1,) and c.dtype == torch.int64 and c.item() == 0 for c in counts)
+    assert len({c.untyped_storage().data_ptr() for c in counts}) == 3  # one fill per COUNT_POOL calls
+    assert not any(c.is_inference() for c in counts)
 
 
 def test_seeds_follow_torch_manual_seed_and_fit_int32() -> None:
@@ -452,9 +484,7 @@ class TestFusedOnCuda:
     @pytest.mark.parametrize("compiled_op", [True, False])
     def test_a_compiled_model_at_every_batch_size(self, monkeypatch, compiled_op) -> None:
         monkeypatch.setattr(fused_compiled, "COMPILED", compiled_op)
-        draws = []
-        draw = fused._Launch.draw
-        monkeypatch.setattr(fused._Launch, "draw", lambda self, t, s, d: draws.append(type(s)) or draw(self, t, s, d))
+        draws = record_draws(monkeypatch)
         torch._dynamo.reset()
         model = torch.nn.Sequential(torch.nn.Conv2d(8, 32, 3, padding=1), dbi.DropBlock(0.2, 7)).cuda().train()
         fn = torch.compile(model)

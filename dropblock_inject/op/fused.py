@@ -35,6 +35,7 @@ import functools
 import math
 import os
 import threading
+from collections.abc import Iterator
 
 import torch
 
@@ -51,6 +52,7 @@ CHANNELS_LAST_PLANES = 8  # channels_last: channels per apply tile at least (adj
 KERNEL_SETS = ("tiles", "flat")  # seed words + tiled apply; row words + storage-order apply
 KERNELS = os.environ.get("DROPBLOCK_INJECT_FUSED_KERNELS", "flat")
 FLAT_BLOCK = 1024  # units per program of apply_flat_kernel (H200: 1.60x x*2 against 1.70x at 2048)
+COUNT_POOL = 256  # zeroed counts made at once for eager calls: one fill launch per this many calls
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_POSITIONS = 2**30  # seed positions per call (Philox offsets are 32-bit)
 _MAX_NUMEL = 2**31  # units per call (apply_flat_kernel indexes in 32 bits)
@@ -122,16 +124,16 @@ def fused_drop_block(
     Raises:
         RuntimeError: A CPU ``generator`` during CUDA graph capture (a replay could not draw from it).
     """
-    if _capturing(x) and not host_seed_in_capture:
+    capturing = _capturing(x)
+    if capturing and not host_seed_in_capture:
         if generator is not None and generator.device.type == "cpu":
             raise RuntimeError(
                 "DropBlock under CUDA graph capture draws its seed on the GPU at every replay, which a CPU "
                 "generator cannot do: pass a CUDA generator (registered with the graph) or none."
             )
-        threshold, seed = device_scalars(gamma, x.device, generator)
-    else:
-        threshold, seed = seed_threshold(gamma), _draw_seed(generator)
-    return _FusedDropBlock.apply(x, threshold, seed, geom, inplace)
+        return _FusedDropBlock.apply(x, *device_scalars(gamma, x.device, generator), geom, inplace, False)
+    # outside capture the count comes from a pool zeroed ahead (a replay would reuse its slot)
+    return _FusedDropBlock.apply(x, seed_threshold(gamma), _draw_seed(generator), geom, inplace, not capturing)
 
 
 def _capturing(x: torch.Tensor) -> bool:
@@ -149,10 +151,10 @@ def _on_device_of(x: torch.Tensor) -> contextlib.AbstractContextManager[object]:
 
 class _FusedDropBlock(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, threshold, seed, geom, inplace):
+    def forward(ctx, x, threshold, seed, geom, inplace, pooled):
         launch = _launch_for(tuple(x.shape), geom, _kernel_set())
         out = x if inplace else torch.empty_like(x)
-        words, count = launch.run(x, out, threshold, seed)
+        words, count = launch.run(x, out, threshold, seed, _zeroed_count(x.device) if pooled else None)
         ctx.launch = launch
         ctx.save_for_backward(words, count)
         if inplace:
@@ -162,7 +164,32 @@ class _FusedDropBlock(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         words, count = ctx.saved_tensors
-        return ctx.launch.run_backward(grad, words, count), None, None, None, None
+        return ctx.launch.run_backward(grad, words, count), None, None, None, None, None
+
+
+def _zeroed_count(device: torch.device) -> torch.Tensor:
+    """A zeroed 1-element int64 count for one call on ``device``'s current stream, taken from a
+    pool of ``COUNT_POOL`` zeroed at once, so that a call launches no fill of its own.
+
+    Each slot serves one call (a count saved for backward must outlive later calls). A pool is
+    zeroed on the stream whose calls take its slots, so each is zero in stream order. Slots lie
+    16 bytes apart: a kernel launched directly keeps the pointer alignment of its first launch.
+    Not for CUDA graph capture, where a replay would add to the same slot again.
+    """
+    index = device.index if device.type == "cuda" else -1
+    # the raw stream, as Triton's launcher reads it: cheaper than torch.cuda.current_stream()
+    key = (index, torch._C._cuda_getCurrentRawStream(index) if index >= 0 else 0)
+    slot = next(_COUNT_POOLS.get(key, _NO_SLOTS), None)
+    if slot is None:
+        with torch.inference_mode(False):  # a pool made in inference mode still serves autograd later
+            slots = iter(torch.zeros(2 * COUNT_POOL, dtype=torch.int64, device=device)[::2].split(1))
+        _COUNT_POOLS[key] = slots
+        slot = next(slots)
+    return slot
+
+
+_COUNT_POOLS: dict[tuple[int, int], Iterator[torch.Tensor]] = {}  # (device index, stream): slots left
+_NO_SLOTS: Iterator[torch.Tensor] = iter(())
 
 
 def seed_threshold(gamma: float) -> int:
@@ -267,12 +294,17 @@ class _Launch:
         self._compiled: dict[tuple, object] = {}
 
     def run(
-        self, x: torch.Tensor, out: torch.Tensor, threshold: int | torch.Tensor, seed: int | torch.Tensor
+        self,
+        x: torch.Tensor,
+        out: torch.Tensor,
+        threshold: int | torch.Tensor,
+        seed: int | torch.Tensor,
+        count: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Both launches of a forward call on ``x``'s GPU (``out`` may be ``x``); returns what
         backward needs: the stored words and the count (see :meth:`draw`)."""
         with _on_device_of(x):
-            words, count = self.draw(threshold, seed, x.device)
+            words, count = self.draw(threshold, seed, x.device, count)
             self.apply(x, out, words, count)
         return words, count
 
@@ -285,13 +317,19 @@ class _Launch:
         return out
 
     def draw(
-        self, threshold: int | torch.Tensor, seed: int | torch.Tensor, device: torch.device
+        self,
+        threshold: int | torch.Tensor,
+        seed: int | torch.Tensor,
+        device: torch.device,
+        count: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored words (per seed row, or per output row for ``flat``) and the dropped count
         (1-element int64), for a seed ``threshold`` (:func:`seed_threshold`) and a Philox seed: two
-        integers, or two 1-element int64 tensors on the device (a compiled graph's)."""
+        integers, or two 1-element int64 tensors on the device (a compiled graph's). The count is
+        added to ``count`` where given (zeroed, see :func:`_zeroed_count`), else to a new one."""
         words = torch.empty(self.n_planes * self.words_per_plane, dtype=self.word_dtype, device=device)
-        count = torch.zeros(1, dtype=torch.int64, device=device)
+        if count is None:
+            count = torch.zeros(1, dtype=torch.int64, device=device)
         in_memory = isinstance(seed, torch.Tensor)
         rate = (threshold, 0) if in_memory else _by_value(threshold)
         args = (words, count, seed, *rate, self.n_planes)
