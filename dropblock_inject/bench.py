@@ -177,6 +177,9 @@ def _floor_of(name: str) -> str:
     return "compiled floor x*2" if name.startswith("compiled") else "floor x*2"
 
 
+CUDA_CALLS_PER_SAMPLE = 20  # bench_op on a GPU: calls per timed sample
+
+
 def bench_op(
     shapes: Sequence[tuple[tuple[int, ...], int]] = OP_SHAPES,
     *,
@@ -190,19 +193,25 @@ def bench_op(
     """Time the op against the floor and the timm/torchvision ops; prints one block per shape.
 
     With ``compiled``, also ``torch.compile`` of ``DropBlock`` against a compiled floor; each row's
-    ratio is to the floor of its kind (eager or compiled).
+    ratio is to the floor of its kind (eager or compiled). On CUDA a sample is
+    ``CUDA_CALLS_PER_SAMPLE`` back-to-back calls between two synchronisations, as in a training
+    loop, where the host queues launches ahead of the GPU (with 3, each synchronisation's latency
+    weighs on every sample).
 
     Returns:
         One row per (shape, candidate): ``shape``, ``block``, ``name``, ``ms``, ``ratio``.
     """
     rows: list[dict[str, object]] = []
+    number = CUDA_CALLS_PER_SAMPLE if torch.device(device).type == "cuda" else 3
     print_fn(
         f"bench op: {device} {str(dtype).replace('torch.', '')}, threads={torch.get_num_threads()}, "
-        f"p={drop_prob}, median of {repeats} interleaved turns, ratio = median of time / time(floor timed just before)"
+        f"p={drop_prob}, median of {repeats} interleaved turns of {number} calls, "
+        f"ratio = median of time / time(floor timed just before)"
     )
     for shape, block in shapes:
         x = torch.randn(shape, dtype=dtype, device=device)
-        timed = time_paired(_op_candidates(x, block, drop_prob, compiled), _floor_of, repeats, device=device)
+        candidates = _op_candidates(x, block, drop_prob, compiled)
+        timed = time_paired(candidates, _floor_of, repeats, number, device=device)
         print_fn(f"{tuple(shape)} block {block}:")
         for name, (t, ratio) in timed.items():
             rows.append({"shape": tuple(shape), "block": block, "name": name, "ms": t * 1e3, "ratio": ratio})
