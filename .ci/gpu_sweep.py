@@ -1,6 +1,6 @@
 """The fused op on a CUDA GPU: loop and CUDA-graph times against ``x * 2``, launch paths, kernel profile.
 
-Run by ``.ci/gpu-check`` (``python .ci/gpu_sweep.py [main|compiled|rest|host ...]`` with the repository on
+Run by ``.ci/gpu-check`` (``python .ci/gpu_sweep.py [main|compiled|rest|host|steps ...]`` with the repository on
 ``PYTHONPATH``; no section named runs all).
 "loop" times back-to-back calls between synchronisations (`bench._sample`), so a CPU-bound op shows its launch cost;
 "graph" replays a captured CUDA graph of 10 calls, the GPU's time alone; "cpu" is the host
@@ -254,6 +254,39 @@ def host_costs() -> None:
         print(f"host {name:32s} {t:7.1f} us cpu per call", flush=True)
 
 
+def compiled_steps(
+    name: str = "resnet26", batch: int = 64, repeats: int = 15, size: int = 224, device: str = "cuda", amp: str = "fp16"
+) -> None:
+    """A compiled training step (autocast, channels_last) of the unpatched model, of a copy (A/A),
+    and of the patched model with the traceable op (the default) and with the fused custom op
+    (``fused_compiled.COMPILED``, set around each call so Dynamo's guard on it holds), interleaved."""
+    import copy
+
+    from dropblock_inject.api import inject
+    from dropblock_inject.bench import _train_step, time_interleaved
+    from dropblock_inject.models import create_model
+
+    torch.manual_seed(0)
+    base = create_model(name)
+    patched = inject(copy.deepcopy(base), drop_prob=0.1, input_size=(3, size, size))
+    models = {"unpatched": base, "unpatched (A/A)": copy.deepcopy(base), "traceable op": patched,
+              "custom op": copy.deepcopy(patched)}  # fmt: skip
+    x = torch.randn(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
+    fns = {}
+    for label, model in models.items():
+        model = model.to(device, memory_format=torch.channels_last)
+        fns[label] = with_kernels(fused.KERNELS, _train_step(torch.compile(model), x, amp), label == "custom op")
+        t0 = time.perf_counter()
+        fns[label]()  # compiles
+        print(f"compiled step {name} {label:16s} compiled in {time.perf_counter() - t0:6.1f} s", flush=True)
+    times = time_interleaved(fns, repeats, number=1, device=device)
+    print(f"compiled step {name}: batch {batch}, {size} px, {amp} autocast, channels_last, median of {repeats}")
+    for label, t in times.items():
+        print(
+            f"compiled step {name} {label:16s} {t * 1e3:8.2f} ms {t / times['unpatched']:6.3f}x unpatched", flush=True
+        )
+
+
 def main_cases() -> None:
     case((64, 1024, 14, 14), 7, others=True)
     case((64, 1024, 14, 14), 7, channels_last=True)
@@ -270,7 +303,7 @@ def other_cases() -> None:
     launch_paths()
 
 
-SECTIONS = {"main": main_cases, "compiled": compiled, "rest": other_cases, "host": host_costs}
+SECTIONS = {"main": main_cases, "compiled": compiled, "rest": other_cases, "host": host_costs, "steps": compiled_steps}
 
 
 def main(argv: list[str]) -> int:
