@@ -137,6 +137,7 @@ def _op_candidates(x: torch.Tensor, block: int, p: float, compiled: bool) -> dic
     if fused_eligible(x, geom := block_geometry(tuple(x.shape[2:]), (block,) * (x.dim() - 2)), False):
         # drop_block takes the fused Triton kernels here; the ATen path beside them for comparison
         fns["ours per-channel, ATen"] = lambda: _DropBlockFunction.apply(x, p, geom, False, "paper", None, False)
+        fns["ours shared, ATen"] = lambda: _DropBlockFunction.apply(x, p, geom, True, "paper", None, False)
     if compiled:
         fns.update(_compiled_candidates(x, block, p))
     try:

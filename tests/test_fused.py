@@ -108,6 +108,19 @@ class TestFusedKernels:
         expect = torch.where(y == 0, 0.0, grad.float() * scale).to(dtype)
         torch.testing.assert_close(x.grad, expect, rtol=2.0**-7 if dtype != torch.float32 else 1e-6, atol=0.0)
 
+    def test_shared_masks_are_blocks_per_sample_with_their_gradient(self, case, device, kernels) -> None:
+        x, geom = case_input(*case, device)
+        x.requires_grad_()
+        y = fused_drop_block(x, case[2], geom, shared=True)
+        assert_drop_block(x.detach(), y.detach(), geom.block)
+        dropped = (y == 0) & (x != 0)
+        assert torch.equal(dropped.all(1), dropped.any(1))  # one mask, in every channel of a sample
+        grad = torch.randn_like(y)
+        (dx,) = torch.autograd.grad(y, x, grad)
+        scale = torch.where(dropped, 0.0, y.detach().float() / x.detach().float()).max().item()
+        expect = torch.where(dropped, 0.0, grad.float() * scale).to(x.dtype)
+        torch.testing.assert_close(dx, expect, rtol=2.0**-7 if x.dtype != torch.float32 else 1e-6, atol=0.0)
+
     def test_inplace_writes_the_input(self, case, device, kernels) -> None:
         x, geom = case_input(*case, device)
         ref = fused_drop_block(x, case[2], geom, generator=torch.Generator().manual_seed(3))
@@ -302,7 +315,7 @@ def test_eligibility() -> None:
     x = torch.randn(2, 4, 14, 14)
     assert fused_eligible(x, geom, False, device_type="cpu") == triton_available()
     assert not fused_eligible(x, geom, False)  # a CPU tensor never takes the CUDA path
-    assert not fused_eligible(x, geom, True, device_type="cpu")  # shared masks: ATen
+    assert fused_eligible(x, geom, True, device_type="cpu") == triton_available()  # shared masks too
     assert not fused_eligible(x, block_geometry((14, 14), (7, 7), "full"), False, device_type="cpu")
     assert not fused_eligible(torch.randn(2, 4, 8, 65), block_geometry((8, 65), (3, 3)), False, device_type="cpu")
     assert not fused_eligible(torch.randn(2, 4, 65, 8), block_geometry((65, 8), (3, 3)), False, device_type="cpu")
@@ -359,18 +372,19 @@ def compile_for_h100(kernel, types: list[str], consts: dict, divisible: tuple[in
 )
 @pytest.mark.parametrize("kernels", fused.KERNEL_SETS)
 @pytest.mark.parametrize(
-    "shape, block, dtype",
+    "shape, block, dtype, shared",
     [
-        ((64, 1024, 14, 14), 7, torch.float32),
-        ((64, 512, 28, 28), 7, torch.float16),
-        ((3, 5, 20, 64), 5, torch.bfloat16),  # 64-bit row words
+        ((64, 1024, 14, 14), 7, torch.float32, False),
+        ((64, 512, 28, 28), 7, torch.float16, False),
+        ((3, 5, 20, 64), 5, torch.bfloat16, False),  # 64-bit row words
+        ((64, 512, 28, 28), 7, torch.float16, True),  # one mask per sample
     ],
 )
-def test_kernels_compile_for_an_h100(kernels, shape, block, dtype) -> None:
+def test_kernels_compile_for_an_h100(kernels, shape, block, dtype, shared) -> None:
     # what the interpreter cannot show: that Triton lowers every kernel to the GPU (types, layouts)
     from dropblock_inject.op import _fused_kernels
 
-    launch = fused._Launch(shape, block_geometry(shape[2:], (block, block)), kernels)
+    launch = fused._Launch(shape, block_geometry(shape[2:], (block, block)), kernels, shared)
     words = "*" + _TRITON_TYPES[launch.word_dtype]
     for in_memory in (False, True):
         args = [words, "*i64", "*i64" if in_memory else "i32", "*i64" if in_memory else "i32", "i32", "i32"]
@@ -451,9 +465,10 @@ class TestFusedOnCuda:
             dropped = (fused_drop_block(x, gamma, geom) == 0).float().mean().item()
             assert dropped == pytest.approx(gamma, abs=0.01)
 
-    def test_no_host_sync(self, kernels) -> None:
+    @pytest.mark.parametrize("shared", [False, True])
+    def test_no_host_sync(self, kernels, shared) -> None:
         x = torch.randn(8, 64, 28, 28, device="cuda", requires_grad=True)
-        m = dbi.DropBlock(0.1, 7).cuda().train()
+        m = dbi.DropBlock(0.1, 7, shared_channels=shared).cuda().train()
         m(x).sum().backward()  # compile the kernels before the check
         torch.cuda.set_sync_debug_mode("error")
         try:
@@ -516,4 +531,7 @@ class TestFusedOnCuda:
         assert words.dtype == dtype and words.numel() == 4 * 32 * per_plane and count.numel() == 1
         x = torch.randn(4, 32, 14, 14, device="cuda", requires_grad=True)
         out = dbi.drop_block(x, 0.1, 7, shared_channels=True)
-        assert "Fused" not in out.grad_fn.__class__.__name__
+        assert out.grad_fn.__class__.__name__ == _FusedDropBlock.__name__ + "Backward"
+        assert out.grad_fn.saved_tensors[0].numel() == 4 * per_plane  # one mask per sample
+        x = torch.randn(4, 32, 3, 14, 14, device="cuda", requires_grad=True)
+        assert "Fused" not in dbi.drop_block(x, 0.1, 3).grad_fn.__class__.__name__  # 3-D: ATen

@@ -148,25 +148,37 @@ def seed_rows_kernel(rows_ptr, count_ptr, seed, last, seeded, n_planes, H: tl.co
 
 
 @triton.jit
+def _scale(count_ptr, numel, C: tl.constexpr, SHARED: tl.constexpr):
+    """``numel / kept`` (float32; 0 where nothing is kept) for the dropped count at ``count_ptr``:
+    of units, or of mask units shared by the ``C`` channels (``SHARED``)."""
+    dropped = tl.load(count_ptr)
+    if SHARED:
+        dropped = dropped * C
+    kept = numel - dropped
+    return tl.where(kept > 0, tl.cast(numel, tl.float64) / tl.maximum(kept, 1).to(tl.float64), 0.0).to(tl.float32)
+
+
+@triton.jit
 def apply_kernel(src_ptr, out_ptr, words_ptr, count_ptr, numel, n_planes, s_n, s_c, s_h, s_w, C: tl.constexpr,
                  H: tl.constexpr, W: tl.constexpr, SH: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                  WORD_BITS: tl.constexpr, BP: tl.constexpr, BH: tl.constexpr, BI: tl.constexpr,
-                 W_P2: tl.constexpr):  # fmt: skip
-    """``out = src * keep * numel / kept`` on a tile of ``BP`` planes by ``BH`` rows."""
+                 W_P2: tl.constexpr, SHARED: tl.constexpr):  # fmt: skip
+    """``out = src * keep * numel / kept`` on a tile of ``BP`` planes by ``BH`` rows (``SHARED``:
+    one mask per sample, its words indexed by sample)."""
     planes = tl.program_id(0) * BP + tl.arange(0, BP)
     h0 = tl.program_id(1) * BH
     h = h0 + tl.arange(0, BH)
     i = tl.maximum(h0 - (KH - 1), 0) + tl.arange(0, BI)  # the seed rows that reach these rows
     load = (planes < n_planes)[:, None] & (i < SH)[None, :]
-    words = _as_u64(tl.load(words_ptr + planes[:, None] * SH + i[None, :], mask=load, other=0), WORD_BITS)
+    masks = planes // C if SHARED else planes
+    words = _as_u64(tl.load(words_ptr + masks[:, None] * SH + i[None, :], mask=load, other=0), WORD_BITS)
     rows = _dropped_rows(words, i, h, KH, KW, False)
     w = tl.arange(0, W_P2)
     dropped = ((rows[:, :, None] >> w[None, None, :].to(tl.uint64)) & 1) != 0
     base = (planes // C).to(tl.int64) * s_n + (planes % C).to(tl.int64) * s_c
     offs = base[:, None, None] + (h * s_h)[None, :, None] + (w * s_w)[None, None, :]
     mask = (planes < n_planes)[:, None, None] & (h < H)[None, :, None] & (w < W)[None, None, :]
-    kept = numel - tl.load(count_ptr)
-    scale = tl.where(kept > 0, tl.cast(numel, tl.float64) / tl.maximum(kept, 1).to(tl.float64), 0.0).to(tl.float32)
+    scale = _scale(count_ptr, numel, C, SHARED)
     x = tl.load(src_ptr + offs, mask=mask)
     y = tl.where(dropped, 0.0, x.to(tl.float32) * scale)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
@@ -175,12 +187,13 @@ def apply_kernel(src_ptr, out_ptr, words_ptr, count_ptr, numel, n_planes, s_n, s
 @triton.jit
 def apply_flat_kernel(src_ptr, out_ptr, rows_ptr, count_ptr, numel, C: tl.constexpr, H: tl.constexpr,
                       W: tl.constexpr, CHANNELS_LAST: tl.constexpr, ROW_BITS: tl.constexpr, WIDE: tl.constexpr,
-                      BLOCK: tl.constexpr):  # fmt: skip
+                      BLOCK: tl.constexpr, SHARED: tl.constexpr):  # fmt: skip
     """``out = src * keep * numel / kept`` on ``BLOCK`` consecutive units of memory.
 
     The units are taken in storage order (contiguous or channels_last; ``numel < 2**31``), so
     every load and store is a whole, aligned vector; each unit reads its row's word of dropped
-    columns (from :func:`seed_rows_kernel`, cached: a plane's row is one word).
+    columns (from :func:`seed_rows_kernel`, cached: a plane's row is one word). ``SHARED``: one
+    mask per sample, so the words are indexed by sample instead of plane.
     """
     f = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = f < numel
@@ -190,20 +203,21 @@ def apply_flat_kernel(src_ptr, out_ptr, rows_ptr, count_ptr, numel, C: tl.conste
         w = t % W
         t = t // W
         h = t % H
-        plane = (t // H) * C + c
+        plane = t // H if SHARED else (t // H) * C + c
     else:
         plane = f // (H * W)
         r = f % (H * W)
         h = r // W
         w = r % W
+        if SHARED:
+            plane = plane // C
     word = _as_u64(tl.load(rows_ptr + plane * H + h, mask=mask, other=0), ROW_BITS)
     if WIDE:
         dropped = ((word >> w.to(tl.uint64)) & 1) != 0
     else:
         word = word.to(tl.uint32)
         dropped = ((word >> w.to(tl.uint32)) & 1) != 0
-    kept = numel - tl.load(count_ptr)
-    scale = tl.where(kept > 0, tl.cast(numel, tl.float64) / tl.maximum(kept, 1).to(tl.float64), 0.0).to(tl.float32)
+    scale = _scale(count_ptr, numel, C, SHARED)
     x = tl.load(src_ptr + f, mask=mask)
     y = tl.where(dropped, 0.0, x.to(tl.float32) * scale)
     tl.store(out_ptr + f, y.to(out_ptr.dtype.element_ty), mask=mask)

@@ -117,7 +117,7 @@ def drop_block_eager(
 ) -> torch.Tensor:
     """The eager op at drop ``rate``: the fused Triton kernels where they apply (CUDA), else ATen."""
     if fused_eligible(x, geom, shared):
-        return fused_drop_block(x, geom.seed_rate(rate, mode), geom, generator, inplace)
+        return fused_drop_block(x, geom.seed_rate(rate, mode), geom, generator, inplace, shared=shared)
     return _DropBlockFunction.apply(x, rate, geom, shared, mode, generator, inplace)
 
 

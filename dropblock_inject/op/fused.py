@@ -1,7 +1,8 @@
 """A fused DropBlock for CUDA in Triton: two launches per call, no host sync.
 
-Used by the eager op for 4-D per-channel inputs on a CUDA device when Triton is installed (it
-ships with PyTorch's CUDA wheels):
+Used by the eager op for 4-D inputs on a CUDA device when Triton is installed (it ships with
+PyTorch's CUDA wheels), with per-channel masks or masks shared by a sample's channels (whose seeds
+are drawn per sample and whose words the apply kernel indexes by sample):
 
 * ``seed_rows_kernel`` draws a tile of planes' seeds with Philox (``tl.randint4x``, keyed by one
   integer seed per call and the seed position), turns them into each output row's dropped
@@ -78,8 +79,9 @@ def _triton_imports() -> bool:
 
 
 def fused_eligible(x: torch.Tensor, geom: BlockGeometry, shared: bool, *, device_type: str = "cuda") -> bool:
-    """Whether :func:`fused_drop_block` handles ``x``: 4-D, per-channel, valid region, ``H, W <= 64``."""
-    if shared or geom.seed_region != "valid" or x.dim() != 4 or x.dtype not in _DTYPES:
+    """Whether :func:`fused_drop_block` handles ``x``: 4-D, valid region, ``H, W <= 64``; per-channel
+    or ``shared`` masks alike."""
+    if geom.seed_region != "valid" or x.dim() != 4 or x.dtype not in _DTYPES:
         return False
     if not (x.is_cuda if device_type == "cuda" else x.device.type == device_type):  # is_cuda: no device object
         return False
@@ -101,9 +103,10 @@ def fused_drop_block(
     generator: torch.Generator | None = None,
     inplace: bool = False,
     *,
+    shared: bool = False,
     host_seed_in_capture: bool = False,
 ) -> torch.Tensor:
-    """Per-channel DropBlock of a dense 4-D tensor with seed rate ``gamma``, in two Triton launches.
+    """DropBlock of a dense 4-D tensor with seed rate ``gamma``, in two Triton launches.
 
     The Philox seed is drawn on the host, except during CUDA graph capture: there the seed is
     drawn on the device (by the generator, the default CUDA one if None) and the kernels read it
@@ -115,6 +118,7 @@ def fused_drop_block(
         geom: The block geometry of ``x``'s spatial size.
         generator: Draws the call's Philox seed (the default CPU generator if None).
         inplace: Write the result into ``x``.
+        shared: One mask per sample, shared by its channels (else one per channel).
         host_seed_in_capture: Draw the seed on the host during capture too, so that every replay
             drops the same blocks: only for timing the kernels alone.
 
@@ -131,9 +135,11 @@ def fused_drop_block(
                 "DropBlock under CUDA graph capture draws its seed on the GPU at every replay, which a CPU "
                 "generator cannot do: pass a CUDA generator (registered with the graph) or none."
             )
-        return _FusedDropBlock.apply(x, *device_scalars(gamma, x.device, generator), geom, inplace, False)
+        threshold, seed = device_scalars(gamma, x.device, generator)
+    else:
+        threshold, seed = seed_threshold(gamma), _draw_seed(generator)
     # outside capture the count comes from a pool zeroed ahead (a replay would reuse its slot)
-    return _FusedDropBlock.apply(x, seed_threshold(gamma), _draw_seed(generator), geom, inplace, not capturing)
+    return _FusedDropBlock.apply(x, threshold, seed, geom, inplace, shared, not capturing)
 
 
 def _capturing(x: torch.Tensor) -> bool:
@@ -151,8 +157,8 @@ def _on_device_of(x: torch.Tensor) -> contextlib.AbstractContextManager[object]:
 
 class _FusedDropBlock(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, threshold, seed, geom, inplace, pooled):
-        launch = _launch_for(tuple(x.shape), geom, _kernel_set())
+    def forward(ctx, x, threshold, seed, geom, inplace, shared, pooled):
+        launch = _launch_for(tuple(x.shape), geom, _kernel_set(), shared)
         out = x if inplace else torch.empty_like(x)
         words, count = launch.run(x, out, threshold, seed, _zeroed_count(x.device) if pooled else None)
         ctx.launch = launch
@@ -164,7 +170,7 @@ class _FusedDropBlock(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         words, count = ctx.saved_tensors
-        return ctx.launch.run_backward(grad, words, count), None, None, None, None, None
+        return ctx.launch.run_backward(grad, words, count), None, None, None, None, None, None
 
 
 def _zeroed_count(device: torch.device) -> torch.Tensor:
@@ -258,8 +264,8 @@ def _stored_words(geom: BlockGeometry, kernels: str) -> tuple[int, torch.dtype]:
 
 
 @functools.lru_cache(maxsize=256)
-def _launch_for(shape: tuple[int, ...], geom: BlockGeometry, kernels: str = "flat") -> _Launch:
-    return _Launch(shape, geom, kernels)
+def _launch_for(shape: tuple[int, ...], geom: BlockGeometry, kernels: str = "flat", shared: bool = False) -> _Launch:
+    return _Launch(shape, geom, kernels, shared)
 
 
 class _Launch:
@@ -274,17 +280,20 @@ class _Launch:
     their types hold too.
     """
 
-    def __init__(self, shape: tuple[int, ...], geom: BlockGeometry, kernels: str = "flat") -> None:
+    def __init__(
+        self, shape: tuple[int, ...], geom: BlockGeometry, kernels: str = "flat", shared: bool = False
+    ) -> None:
         n, c, h, w = shape
         (sh, sw), (kh, kw) = geom.seed_grid, geom.block
         self.n_planes, self.numel, self.flat = n * c, math.prod(shape), kernels == "flat"
+        self.n_masks, self.shared = n if shared else n * c, shared  # planes of seeds: one per sample if shared
         self.seed_kernel = "seed_rows_kernel" if self.flat else "seed_kernel"
         self.apply_kernel = "apply_flat_kernel" if self.flat else "apply_kernel"
         self.words_per_plane, self.word_dtype = _stored_words(geom, kernels)
         self.wide = w > 32  # flat: rows up to 32 wide are worked in 32 bits
         h_p2, sh_p2 = _pow2(h), _pow2(sh)
         seed_bp = max(1, SEED_TILE // (h_p2 * sh_p2))
-        self.seed_grid = (-(-self.n_planes // seed_bp), 1, 1)  # 3-D: a compiled kernel reads all three
+        self.seed_grid = (-(-self.n_masks // seed_bp), 1, 1)  # 3-D: a compiled kernel reads all three
         consts = dict(H=h, SH=sh, SW=sw, KH=kh, KW=kw, BP=seed_bp, H_P2=h_p2, SH_P2=sh_p2, SW_P4=_pow2(-(-sw // 4)))
         wide = {"WIDE": self.wide} if self.flat else {}
         self._draw_consts = {mem: {**consts, "IN_MEMORY": mem, **wide} for mem in (False, True)}
@@ -327,12 +336,12 @@ class _Launch:
         (1-element int64), for a seed ``threshold`` (:func:`seed_threshold`) and a Philox seed: two
         integers, or two 1-element int64 tensors on the device (a compiled graph's). The count is
         added to ``count`` where given (zeroed, see :func:`_zeroed_count`), else to a new one."""
-        words = torch.empty(self.n_planes * self.words_per_plane, dtype=self.word_dtype, device=device)
+        words = torch.empty(self.n_masks * self.words_per_plane, dtype=self.word_dtype, device=device)
         if count is None:
             count = torch.zeros(1, dtype=torch.int64, device=device)
         in_memory = isinstance(seed, torch.Tensor)
         rate = (threshold, 0) if in_memory else _by_value(threshold)
-        args = (words, count, seed, *rate, self.n_planes)
+        args = (words, count, seed, *rate, self.n_masks)
         consts = self.draw_consts(in_memory)
         key = ("seed", device.index, in_memory)
         self._launch(self.seed_kernel, self.seed_grid, key, args, consts, {"num_warps": SEED_WARPS})
@@ -366,14 +375,14 @@ class _Launch:
         word_bits = self.word_dtype.itemsize * 8
         if self.flat:
             consts = dict(C=c, H=h, W=w, CHANNELS_LAST=channels_last, ROW_BITS=word_bits, WIDE=self.wide,
-                          BLOCK=FLAT_BLOCK)  # fmt: skip
+                          BLOCK=FLAT_BLOCK, SHARED=self.shared)  # fmt: skip
             tiling = ((-(-self.numel // FLAT_BLOCK), 1, 1), consts)
         else:
             w_p2, min_planes = _pow2(w), CHANNELS_LAST_PLANES if channels_last else 1
             bh = min(_pow2(h), max(1, TILE_UNITS // (w_p2 * min_planes)))
             bp = max(min_planes, TILE_UNITS // (bh * w_p2))
             consts = dict(C=c, H=h, W=w, SH=sh, KH=kh, KW=kw, WORD_BITS=word_bits, BP=bp, BH=bh,
-                          BI=_pow2(min(bh + kh - 1, sh)), W_P2=w_p2)  # fmt: skip
+                          BI=_pow2(min(bh + kh - 1, sh)), W_P2=w_p2, SHARED=self.shared)  # fmt: skip
             tiling = ((-(-self.n_planes // bp), -(-h // bh), 1), consts)
         self._apply_tilings[channels_last] = tiling
         return tiling
