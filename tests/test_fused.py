@@ -41,6 +41,11 @@ CASES = [
     ((2, 8, 7, 7), 7, 0.3, False, torch.float32),  # one seed position per plane (resnet stage 4)
     ((2, 4, 1, 9), 3, 0.3, False, torch.float32),  # a one-row map: the block clipped to (1, 3)
     ((1, 3, 64, 64), (9, 2), 0.02, False, torch.float32),  # rectangular block, two row tiles
+    # 3-D: the flat set, a volume's D * H rows as one plane's
+    ((2, 8, 4, 14, 14), (2, 7, 7), 0.02, False, torch.float32),  # r3d_18's stage 3 (4x14x14)
+    ((2, 8, 2, 7, 7), 3, 0.05, True, torch.bfloat16),  # channels_last_3d, the block's depth clipped to 2
+    ((3, 5, 3, 9, 13), (1, 4, 3), 0.1, False, torch.float16),  # depth 1: each slice on its own
+    ((1, 4, 5, 12, 40), (3, 3, 5), 0.02, False, torch.float32),  # 60 rows, 40 columns (64-bit words)
 ]
 
 
@@ -64,8 +69,8 @@ def case_input(shape, block, gamma, channels_last, dtype, device):
     """The input and geometry of a case."""
     x = torch.randn(shape, device=device).to(dtype)
     if channels_last:
-        x = x.to(memory_format=torch.channels_last)
-    return x, block_geometry(shape[2:], (block, block) if isinstance(block, int) else block)
+        x = x.to(memory_format=torch.channels_last_3d if x.dim() == 5 else torch.channels_last)
+    return x, block_geometry(shape[2:], (block,) * (x.dim() - 2) if isinstance(block, int) else block)
 
 
 def record_draws(monkeypatch, what=type) -> list:
@@ -320,8 +325,10 @@ def test_eligibility() -> None:
     assert not fused_eligible(torch.randn(2, 4, 8, 65), block_geometry((8, 65), (3, 3)), False, device_type="cpu")
     assert not fused_eligible(torch.randn(2, 4, 65, 8), block_geometry((65, 8), (3, 3)), False, device_type="cpu")
     assert not fused_eligible(x[..., ::2], block_geometry((14, 7), (7, 7)), False, device_type="cpu")
-    x3 = torch.randn(2, 4, 3, 8, 8)
-    assert not fused_eligible(x3, block_geometry((3, 8, 8), (1, 3, 3)), False, device_type="cpu")
+    x3 = torch.randn(2, 4, 3, 8, 8)  # 3-D: D * H rows of W columns
+    assert fused_eligible(x3, block_geometry((3, 8, 8), (1, 3, 3)), False, device_type="cpu") == triton_available()
+    x3 = torch.randn(2, 4, 5, 13, 8)
+    assert not fused_eligible(x3, block_geometry((5, 13, 8), (1, 3, 3)), False, device_type="cpu")  # 65 rows
     big = block_geometry((64, 64), (33, 33))  # 2**29 seed positions, but 2**31 units: not in 32-bit offsets
     assert fused_eligible(torch.empty(2**10, 2**9 - 1, 64, 64, device="meta"), big, False, device_type="meta")
     assert not fused_eligible(torch.empty(2**10, 2**9, 64, 64, device="meta"), big, False, device_type="meta")
@@ -378,13 +385,16 @@ def compile_for_h100(kernel, types: list[str], consts: dict, divisible: tuple[in
         ((64, 512, 28, 28), 7, torch.float16, False),
         ((3, 5, 20, 64), 5, torch.bfloat16, False),  # 64-bit row words
         ((64, 512, 28, 28), 7, torch.float16, True),  # one mask per sample
+        ((8, 256, 4, 14, 14), 3, torch.float16, False),  # 3-D
     ],
 )
 def test_kernels_compile_for_an_h100(kernels, shape, block, dtype, shared) -> None:
     # what the interpreter cannot show: that Triton lowers every kernel to the GPU (types, layouts)
     from dropblock_inject.op import _fused_kernels
 
-    launch = fused._Launch(shape, block_geometry(shape[2:], (block, block)), kernels, shared)
+    if len(shape) == 5 and kernels != "flat":
+        pytest.skip("3-D inputs take the flat set")
+    launch = fused._Launch(shape, block_geometry(shape[2:], (block,) * (len(shape) - 2)), kernels, shared)
     words = "*" + _TRITON_TYPES[launch.word_dtype]
     for in_memory in (False, True):
         args = [words, "*i64", "*i64" if in_memory else "i32", "*i64" if in_memory else "i32", "i32", "i32"]
@@ -466,9 +476,10 @@ class TestFusedOnCuda:
             assert dropped == pytest.approx(gamma, abs=0.01)
 
     @pytest.mark.parametrize("shared", [False, True])
-    def test_no_host_sync(self, kernels, shared) -> None:
-        x = torch.randn(8, 64, 28, 28, device="cuda", requires_grad=True)
-        m = dbi.DropBlock(0.1, 7, shared_channels=shared).cuda().train()
+    @pytest.mark.parametrize("shape, block", [((8, 64, 28, 28), 7), ((4, 32, 4, 14, 14), 3)], ids=["2-D", "3-D"])
+    def test_no_host_sync(self, kernels, shared, shape, block) -> None:
+        x = torch.randn(shape, device="cuda", requires_grad=True)
+        m = dbi.DropBlock(0.1, block, shared_channels=shared).cuda().train()
         m(x).sum().backward()  # compile the kernels before the check
         torch.cuda.set_sync_debug_mode("error")
         try:
@@ -533,5 +544,7 @@ class TestFusedOnCuda:
         out = dbi.drop_block(x, 0.1, 7, shared_channels=True)
         assert out.grad_fn.__class__.__name__ == _FusedDropBlock.__name__ + "Backward"
         assert out.grad_fn.saved_tensors[0].numel() == 4 * per_plane  # one mask per sample
-        x = torch.randn(4, 32, 3, 14, 14, device="cuda", requires_grad=True)
-        assert "Fused" not in dbi.drop_block(x, 0.1, 3).grad_fn.__class__.__name__  # 3-D: ATen
+        x = torch.randn(4, 32, 4, 14, 14, device="cuda", requires_grad=True)  # 3-D: 56 rows of 14
+        assert dbi.drop_block(x, 0.1, 3).grad_fn.__class__.__name__ == _FusedDropBlock.__name__ + "Backward"
+        x = torch.randn(4, 32, 8, 14, 14, device="cuda", requires_grad=True)  # 112 rows: ATen
+        assert "Fused" not in dbi.drop_block(x, 0.1, 3).grad_fn.__class__.__name__

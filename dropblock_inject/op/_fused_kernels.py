@@ -44,18 +44,33 @@ def _as_u64(words, WORD_BITS: tl.constexpr):
 
 
 @triton.jit
-def _dropped_rows(words, i, h, KH: tl.constexpr, KW: tl.constexpr, PLANES_LAST: tl.constexpr):
+def _reach(i, h, KH: tl.constexpr, DEPTH: tl.constexpr, KD: tl.constexpr, SLICE_H: tl.constexpr,
+           SLICE_SH: tl.constexpr):  # fmt: skip
+    """``(rows, seed rows)``: whether seed row ``i`` reaches output row ``h``, ``h - KH < i <= h``.
+
+    3-D (``DEPTH > 1``): rows and seed rows are flat ``(depth, height)`` indices over slices of
+    ``SLICE_H`` rows and ``SLICE_SH`` seed rows, and the block spans ``KD`` slices as well.
+    """
+    if DEPTH == 1:
+        return (i[None, :] <= h[:, None]) & (i[None, :] > h[:, None] - KH)
+    d, hs = h // SLICE_H, h % SLICE_H
+    di, hi = i // SLICE_SH, i % SLICE_SH
+    depth = (di[None, :] <= d[:, None]) & (di[None, :] > d[:, None] - KD)
+    return depth & (hi[None, :] <= hs[:, None]) & (hi[None, :] > hs[:, None] - KH)
+
+
+@triton.jit
+def _dropped_rows(words, reach, KW: tl.constexpr, PLANES_LAST: tl.constexpr):
     """Dropped columns of rows ``h``, from the seed-row words ``(planes, i)`` (``PLANES_LAST``:
     ``(i, planes)``, and the rows ``(h, planes)``: each thread then works whole planes, with no
     exchange between threads).
 
     Each seed row's word is spread over the block's width (``w | w << 1 | ...``); row ``h`` is
-    the or of the spread words of seed rows ``h - KH < i <= h``.
+    the or of the spread words of the seed rows that reach it (``reach``, see :func:`_reach`).
     """
     spread = words
     for t in tl.static_range(1, KW):
         spread = spread | (words << t)
-    reach = (i[None, :] <= h[:, None]) & (i[None, :] > h[:, None] - KH)
     if PLANES_LAST:
         rows = tl.reduce(tl.where(reach[:, :, None], spread[None, :, :], 0), 1, _bit_or)
     else:
@@ -113,34 +128,41 @@ def _draw_planes(seed, last, seeded, n_planes, BP: tl.constexpr, SH: tl.constexp
 
 
 @triton.jit
-def _output_rows(words, i, H: tl.constexpr, H_P2: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr):
+def _output_rows(words, i, H: tl.constexpr, H_P2: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                 DEPTH: tl.constexpr, KD: tl.constexpr, SLICE_H: tl.constexpr, SLICE_SH: tl.constexpr):  # fmt: skip
     """The output-row index and each output row's dropped columns ``(H_P2, planes)`` (0 past ``H``)."""
     h = tl.arange(0, H_P2)
-    return h, tl.where((h < H)[:, None], _dropped_rows(words, i, h, KH, KW, True), 0)
+    reach = _reach(i, h, KH, DEPTH, KD, SLICE_H, SLICE_SH)
+    return h, tl.where((h < H)[:, None], _dropped_rows(words, reach, KW, True), 0)
 
 
 @triton.jit(do_not_specialize=["seed", "last", "seeded"])
 def seed_kernel(words_ptr, count_ptr, seed, last, seeded, n_planes, H: tl.constexpr, SH: tl.constexpr,
                 SW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BP: tl.constexpr, H_P2: tl.constexpr,
-                SH_P2: tl.constexpr, SW_P4: tl.constexpr, IN_MEMORY: tl.constexpr):  # fmt: skip
+                SH_P2: tl.constexpr, SW_P4: tl.constexpr, IN_MEMORY: tl.constexpr, DEPTH: tl.constexpr,
+                KD: tl.constexpr, SLICE_H: tl.constexpr, SLICE_SH: tl.constexpr):  # fmt: skip
     """Draw the seeds of ``BP`` planes, store one word per seed row, add the dropped units to the count."""
     planes, i, words = _draw_planes(seed, last, seeded, n_planes, BP, SH, SW, SH_P2, SW_P4, IN_MEMORY, True)
     store = (i < SH)[:, None] & (planes < n_planes)[None, :]
     tl.store(words_ptr + planes[None, :] * SH + i[:, None], words.to(words_ptr.dtype.element_ty), mask=store)
-    _, rows = _output_rows(words, i, H, H_P2, KH, KW)
+    _, rows = _output_rows(words, i, H, H_P2, KH, KW, DEPTH, KD, SLICE_H, SLICE_SH)
     tl.atomic_add(count_ptr, tl.sum(tl.sum(_popcount(rows), axis=1), axis=0).to(tl.int64))
 
 
 @triton.jit(do_not_specialize=["seed", "last", "seeded"])
 def seed_rows_kernel(rows_ptr, count_ptr, seed, last, seeded, n_planes, H: tl.constexpr, SH: tl.constexpr,
                      SW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BP: tl.constexpr, H_P2: tl.constexpr,
-                     SH_P2: tl.constexpr, SW_P4: tl.constexpr, IN_MEMORY: tl.constexpr,
+                     SH_P2: tl.constexpr, SW_P4: tl.constexpr, IN_MEMORY: tl.constexpr, DEPTH: tl.constexpr,
+                     KD: tl.constexpr, SLICE_H: tl.constexpr, SLICE_SH: tl.constexpr,
                      WIDE: tl.constexpr):  # fmt: skip
     """The seeds of ``BP`` planes (the draws of :func:`seed_kernel`), stored as the dropped columns of
     every output row (one word per row, for :func:`apply_flat_kernel`); the dropped units are added
-    to the count. Rows up to 32 wide are worked in 32 bits (``WIDE`` is False)."""
+    to the count. Rows up to 32 wide are worked in 32 bits (``WIDE`` is False).
+
+    3-D inputs (``DEPTH`` slices of ``SLICE_H`` rows; ``KD`` the block's depth): ``H`` and ``SH``
+    count the rows and seed rows of a whole volume, so the apply kernel sees ``(N, C, D * H, W)``."""
     planes, i, words = _draw_planes(seed, last, seeded, n_planes, BP, SH, SW, SH_P2, SW_P4, IN_MEMORY, WIDE)
-    h, rows = _output_rows(words, i, H, H_P2, KH, KW)
+    h, rows = _output_rows(words, i, H, H_P2, KH, KW, DEPTH, KD, SLICE_H, SLICE_SH)
     store = (h < H)[:, None] & (planes < n_planes)[None, :]
     tl.store(rows_ptr + planes[None, :] * H + h[:, None], rows.to(rows_ptr.dtype.element_ty), mask=store)
     count = _popcount(rows) if WIDE else _popcount32(rows)
@@ -172,7 +194,7 @@ def apply_kernel(src_ptr, out_ptr, words_ptr, count_ptr, numel, n_planes, s_n, s
     load = (planes < n_planes)[:, None] & (i < SH)[None, :]
     masks = planes // C if SHARED else planes
     words = _as_u64(tl.load(words_ptr + masks[:, None] * SH + i[None, :], mask=load, other=0), WORD_BITS)
-    rows = _dropped_rows(words, i, h, KH, KW, False)
+    rows = _dropped_rows(words, _reach(i, h, KH, 1, 1, H, SH), KW, False)
     w = tl.arange(0, W_P2)
     dropped = ((rows[:, :, None] >> w[None, None, :].to(tl.uint64)) & 1) != 0
     base = (planes // C).to(tl.int64) * s_n + (planes % C).to(tl.int64) * s_c

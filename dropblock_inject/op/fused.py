@@ -25,8 +25,10 @@ Under ``torch.compile`` a model takes the traceable op of :mod:`~dropblock_injec
 which Inductor fuses with its neighbours; ``DROPBLOCK_INJECT_FUSED_COMPILED=1`` makes it call
 these kernels as a custom op instead (:mod:`~dropblock_inject.op.fused_compiled`).
 
-A plane's rows must fit one word and its rows one tile (``H, W <= 64``); other inputs take the
-ATen path of :mod:`dropblock_inject.op.functional`. ``DROPBLOCK_INJECT_FUSED=0`` turns this off.
+A plane's rows must fit one word and its rows one tile (``H, W <= 64``). 3-D inputs
+``(N, C, D, H, W)`` take the flat set with ``D * H <= 64``: the seed kernel dilates over the depth
+slices too, and the apply kernel sees ``(N, C, D * H, W)``. Other inputs take the ATen path of
+:mod:`dropblock_inject.op.functional`. ``DROPBLOCK_INJECT_FUSED=0`` turns this off.
 """
 
 from __future__ import annotations
@@ -79,17 +81,17 @@ def _triton_imports() -> bool:
 
 
 def fused_eligible(x: torch.Tensor, geom: BlockGeometry, shared: bool, *, device_type: str = "cuda") -> bool:
-    """Whether :func:`fused_drop_block` handles ``x``: 4-D, valid region, ``H, W <= 64``; per-channel
-    or ``shared`` masks alike."""
-    if geom.seed_region != "valid" or x.dim() != 4 or x.dtype not in _DTYPES:
+    """Whether :func:`fused_drop_block` handles ``x``: valid region, 4-D with ``H, W <= 64``, or 5-D
+    with ``D * H, W <= 64``; per-channel or ``shared`` masks alike."""
+    if geom.seed_region != "valid" or x.dim() not in (4, 5) or x.dtype not in _DTYPES:
         return False
     if not (x.is_cuda if device_type == "cuda" else x.device.type == device_type):  # is_cuda: no device object
         return False
-    n, c, h, w = x.shape
+    n, c, *spatial = x.shape
     return (
-        h <= WORD_BITS
-        and w <= WORD_BITS
-        and 0 < n * c * h * w < _MAX_NUMEL
+        math.prod(spatial[:-1]) <= WORD_BITS
+        and spatial[-1] <= WORD_BITS
+        and 0 < x.numel() < _MAX_NUMEL
         and n * c * math.prod(geom.seed_grid) < _MAX_POSITIONS
         and is_dense(x)
         and triton_available()
@@ -113,7 +115,8 @@ def fused_drop_block(
     from memory, so every replay drops new blocks (at the rate of the capture).
 
     Args:
-        x: ``(N, C, H, W)``, contiguous or channels_last, ``H, W <= 64`` (see :func:`fused_eligible`).
+        x: ``(N, C, H, W)`` or ``(N, C, D, H, W)``, contiguous or channels_last(_3d), ``H, W <= 64``
+            (3-D: ``D * H <= 64``; see :func:`fused_eligible`).
         gamma: Seed rate on the valid region.
         geom: The block geometry of ``x``'s spatial size.
         generator: Draws the call's Philox seed (the default CPU generator if None).
@@ -158,7 +161,7 @@ def _on_device_of(x: torch.Tensor) -> contextlib.AbstractContextManager[object]:
 class _FusedDropBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, threshold, seed, geom, inplace, shared, pooled):
-        launch = _launch_for(tuple(x.shape), geom, _kernel_set(), shared)
+        launch = _launch_for(tuple(x.shape), geom, _kernel_set(x.dim()), shared)
         out = x if inplace else torch.empty_like(x)
         words, count = launch.run(x, out, threshold, seed, _zeroed_count(x.device) if pooled else None)
         ctx.launch = launch
@@ -249,17 +252,18 @@ def _pow2(n: int) -> int:
 _WORD_DTYPES = {8: torch.uint8, 16: torch.int16, 32: torch.int32, 64: torch.int64}
 
 
-def _kernel_set() -> str:
+def _kernel_set(ndim: int = 4) -> str:
+    """``KERNELS``, checked; 3-D inputs (``ndim`` 5) always take the flat set, the only one with depth."""
     if KERNELS not in KERNEL_SETS:
         raise ValueError(f"DROPBLOCK_INJECT_FUSED_KERNELS must be one of {KERNEL_SETS}, got {KERNELS!r}")
-    return KERNELS
+    return KERNELS if ndim == 4 else "flat"
 
 
 def _stored_words(geom: BlockGeometry, kernels: str) -> tuple[int, torch.dtype]:
     """Words per plane that a seed kernel stores, and their dtype: one per seed row (``tiles``) or
     one per output row (``flat``), of the fewest bits that hold the row's columns."""
-    (h, w), (sh, sw) = geom.spatial, geom.seed_grid
-    rows, bits = (h, w) if kernels == "flat" else (sh, sw)
+    grid = geom.spatial if kernels == "flat" else geom.seed_grid  # 3-D: rows of all the depth slices
+    rows, bits = math.prod(grid[:-1]), grid[-1]
     return rows, _WORD_DTYPES[next(b for b in _WORD_DTYPES if b >= bits)]
 
 
@@ -283,21 +287,27 @@ class _Launch:
     def __init__(
         self, shape: tuple[int, ...], geom: BlockGeometry, kernels: str = "flat", shared: bool = False
     ) -> None:
-        n, c, h, w = shape
-        (sh, sw), (kh, kw) = geom.seed_grid, geom.block
+        n, c = shape[:2]
+        # 3-D: depth slices of rows; the kernels see a volume's rows as one plane's (D * H rows)
+        d, h, w = shape[2:] if len(shape) == 5 else (1, *shape[2:])
+        sd, sh, sw = geom.seed_grid if len(shape) == 5 else (1, *geom.seed_grid)
+        kd, kh, kw = geom.block if len(shape) == 5 else (1, *geom.block)
+        rows, seed_rows = d * h, sd * sh
         self.n_planes, self.numel, self.flat = n * c, math.prod(shape), kernels == "flat"
         self.n_masks, self.shared = n if shared else n * c, shared  # planes of seeds: one per sample if shared
         self.seed_kernel = "seed_rows_kernel" if self.flat else "seed_kernel"
         self.apply_kernel = "apply_flat_kernel" if self.flat else "apply_kernel"
         self.words_per_plane, self.word_dtype = _stored_words(geom, kernels)
         self.wide = w > 32  # flat: rows up to 32 wide are worked in 32 bits
-        h_p2, sh_p2 = _pow2(h), _pow2(sh)
+        h_p2, sh_p2 = _pow2(rows), _pow2(seed_rows)
         seed_bp = max(1, SEED_TILE // (h_p2 * sh_p2))
         self.seed_grid = (-(-self.n_masks // seed_bp), 1, 1)  # 3-D: a compiled kernel reads all three
-        consts = dict(H=h, SH=sh, SW=sw, KH=kh, KW=kw, BP=seed_bp, H_P2=h_p2, SH_P2=sh_p2, SW_P4=_pow2(-(-sw // 4)))
+        consts = dict(H=rows, SH=seed_rows, SW=sw, KH=kh, KW=kw, BP=seed_bp, H_P2=h_p2, SH_P2=sh_p2,
+                      SW_P4=_pow2(-(-sw // 4)))  # fmt: skip
+        depth = dict(DEPTH=d, KD=kd, SLICE_H=h, SLICE_SH=sh)
         wide = {"WIDE": self.wide} if self.flat else {}
-        self._draw_consts = {mem: {**consts, "IN_MEMORY": mem, **wide} for mem in (False, True)}
-        self._apply_shape = (c, h, w, sh, kh, kw)
+        self._draw_consts = {mem: {**consts, "IN_MEMORY": mem, **depth, **wide} for mem in (False, True)}
+        self._apply_shape = (c, rows, w, seed_rows, kh, kw)
         self._apply_tilings: dict[bool, tuple[tuple[int, int, int], dict]] = {}
         self.apply_warps = APPLY_WARPS
         self._compiled: dict[tuple, object] = {}

@@ -35,10 +35,9 @@ _COMPILED_DEVICE = "cuda"  # the tests run it on CPU tensors under Triton's inte
 
 def compiled_eligible(x: torch.Tensor, geom: BlockGeometry, shared: bool, generator: torch.Generator | None) -> bool:
     """Whether a compiled graph runs :func:`fused_drop_block_traceable` for ``x`` (CUDA, ``COMPILED``,
-    per-channel masks)."""
-    return (
-        COMPILED and not shared and generator is None and fused_eligible(x, geom, False, device_type=_COMPILED_DEVICE)
-    )
+    4-D, per-channel masks)."""
+    eligible = not shared and x.dim() == 4 and generator is None
+    return COMPILED and eligible and fused_eligible(x, geom, False, device_type=_COMPILED_DEVICE)
 
 
 def fused_drop_block_traceable(x: torch.Tensor, gamma: float | torch.Tensor, geom: BlockGeometry) -> torch.Tensor:
