@@ -90,17 +90,21 @@ def with_kernels(kernels: str, fn: Callable[[], object], compiled_op: bool = Fal
     return call
 
 
-def case(shape, block, p=0.1, channels_last=False, dtype=torch.float32, others=False) -> None:
+def case(shape, block, p=0.1, channels_last=False, dtype=torch.float32, others=False, shared=False) -> None:
     x = torch.randn(shape, device="cuda", dtype=dtype)
     if channels_last:
-        x = x.to(memory_format=torch.channels_last)
-    geom = block_geometry(shape[2:], (block, block))
+        x = x.to(memory_format=torch.channels_last_3d if x.dim() == 5 else torch.channels_last)
+    geom = block_geometry(shape[2:], (block,) * (x.dim() - 2))
     gamma = geom.paper_gamma(p)
+
+    def ours() -> torch.Tensor:
+        return fused.fused_drop_block(x, gamma, geom, shared=shared, host_seed_in_capture=True)
+
     fns = {
         "x*2": lambda: x * 2.0,
-        "fused": lambda: fused.fused_drop_block(x, gamma, geom, host_seed_in_capture=True),
-        "fused tiles": with_kernels("tiles", lambda: fused.fused_drop_block(x, gamma, geom, host_seed_in_capture=True)),
-        "aten": lambda: _DropBlockFunction.apply(x, p, geom, False, "paper", None, False),
+        "fused": ours,
+        "fused tiles": with_kernels("tiles", ours),  # 3-D: the flat set either way
+        "aten": lambda: _DropBlockFunction.apply(x, p, geom, shared, "paper", None, False),
     }
     if others:
         from timm.layers import drop_block_2d
@@ -108,7 +112,7 @@ def case(shape, block, p=0.1, channels_last=False, dtype=torch.float32, others=F
 
         fns["timm per-ch"] = lambda: drop_block_2d(x, p, block, couple_channels=False)
         fns["torchvision"] = lambda: drop_block2d(x, p, block)
-    tag = f"{shape}/{block} {'cl' if channels_last else 'c'} {str(dtype)[6:]}"
+    tag = f"{shape}/{block} {'cl' if channels_last else 'c'} {str(dtype)[6:]}{' shared' if shared else ''}"
     base = None
     for name, fn in fns.items():
         loop, cpu = loop_time(fn), cpu_time(fn)
@@ -300,6 +304,9 @@ def other_cases() -> None:
     case((64, 256, 14, 14), 7)
     case((32, 2048, 7, 7), 3)
     case((32, 2048, 7, 7), 7)
+    case((64, 1024, 14, 14), 7, shared=True)
+    case((8, 256, 4, 14, 14), 3)  # r3d_18's stage 3 at 16x112x112
+    case((8, 512, 2, 7, 7), 3, channels_last=True)
     launch_paths()
 
 
