@@ -108,7 +108,7 @@ def fused_drop_block(
     shared: bool = False,
     host_seed_in_capture: bool = False,
 ) -> torch.Tensor:
-    """DropBlock of a dense 4-D tensor with seed rate ``gamma``, in two Triton launches.
+    """DropBlock of a dense 4-D or 5-D tensor with seed rate ``gamma``, in two Triton launches.
 
     The Philox seed is drawn on the host, except during CUDA graph capture: there the seed is
     drawn on the device (by the generator, the default CUDA one if None) and the kernels read it
