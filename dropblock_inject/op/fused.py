@@ -289,9 +289,8 @@ class _Launch:
     ) -> None:
         n, c = shape[:2]
         # 3-D: depth slices of rows; the kernels see a volume's rows as one plane's (D * H rows)
-        d, h, w = shape[2:] if len(shape) == 5 else (1, *shape[2:])
-        sd, sh, sw = geom.seed_grid if len(shape) == 5 else (1, *geom.seed_grid)
-        kd, kh, kw = geom.block if len(shape) == 5 else (1, *geom.block)
+        one_slice = (1,) * (5 - len(shape))  # a 2-D input is one slice deep
+        (d, h, w), (sd, sh, sw), (kd, kh, kw) = ((*one_slice, *g) for g in (shape[2:], geom.seed_grid, geom.block))
         rows, seed_rows = d * h, sd * sh
         self.n_planes, self.numel, self.flat = n * c, math.prod(shape), kernels == "flat"
         self.n_masks, self.shared = n if shared else n * c, shared  # planes of seeds: one per sample if shared
