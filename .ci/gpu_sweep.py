@@ -221,7 +221,7 @@ def host_costs() -> None:
     xg = x.clone().requires_grad_()
     geom = block_geometry((14, 14), (7, 7))
     gamma = geom.paper_gamma(0.1)
-    launch = fused._launch_for(tuple(x.shape), geom, fused.KERNELS)
+    launch = fused._launch_for(tuple(x.shape), geom, fused.KERNELS, False)
     threshold, out = fused.seed_threshold(gamma), torch.empty_like(x)
     words, count = launch.draw(threshold, 1, x.device)
     n_words = launch.n_planes * launch.words_per_plane

@@ -465,7 +465,7 @@ class TestFusedOnCuda:
             gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
             outs.append([fused_drop_block(x, 0.02, geom, generator=g) for g in gens])
         assert all(torch.equal(a, b) for a, b in zip(*outs))
-        assert fused._launch_for(tuple(x.shape), geom, kernels, False)._compiled  # later calls took the compiled kernels
+        assert fused._launch_for(tuple(x.shape), geom, kernels, False)._compiled  # later calls took compiled kernels
 
     def test_a_direct_launch_takes_any_rate(self, kernels) -> None:
         # the seed kernel compiled at a small threshold, then launched directly past 2**31

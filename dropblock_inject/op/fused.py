@@ -268,7 +268,8 @@ def _stored_words(geom: BlockGeometry, kernels: str) -> tuple[int, torch.dtype]:
 
 
 @functools.lru_cache(maxsize=256)
-def _launch_for(shape: tuple[int, ...], geom: BlockGeometry, kernels: str = "flat", shared: bool = False) -> _Launch:
+def _launch_for(shape: tuple[int, ...], geom: BlockGeometry, kernels: str, shared: bool) -> _Launch:
+    # no defaults: lru_cache keys f(a, b, c) and f(a, b, c, False) apart, so every caller passes all four
     return _Launch(shape, geom, kernels, shared)
 
 

@@ -63,7 +63,7 @@ def fused_drop_block_traceable(x: torch.Tensor, gamma: float | torch.Tensor, geo
 
 def _launch(x: torch.Tensor, block: Sequence[int], kernels: str) -> tuple[torch.Tensor, _Launch]:
     x = as_dense(x)
-    return x, _launch_for(tuple(x.shape), block_geometry(tuple(x.shape[2:]), tuple(block)), kernels)
+    return x, _launch_for(tuple(x.shape), block_geometry(tuple(x.shape[2:]), tuple(block)), kernels, False)
 
 
 @torch.library.custom_op("dropblock_inject::fused_drop_block", mutates_args=())
