@@ -1,8 +1,8 @@
 """A fused DropBlock for CUDA in Triton: two launches per call, no host sync.
 
-Used by the eager op for 4-D inputs on a CUDA device when Triton is installed (it ships with
-PyTorch's CUDA wheels), with per-channel masks or masks shared by a sample's channels (whose seeds
-are drawn per sample and whose words the apply kernel indexes by sample):
+Used by the eager op for 4-D and 5-D inputs on a CUDA device when Triton is installed (it ships
+with PyTorch's CUDA wheels), with per-channel masks or masks shared by a sample's channels (whose
+seeds are drawn per sample and whose words the apply kernel indexes by sample):
 
 * ``seed_rows_kernel`` draws a tile of planes' seeds with Philox (``tl.randint4x``, keyed by one
   integer seed per call and the seed position), turns them into each output row's dropped
