@@ -26,7 +26,7 @@ from dropblock_inject.op.geometry import block_geometry
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-NO_GPU = "no CUDA device: the GPU checks run where the device tool lends one (.ci/gpu-check)"
+NO_GPU = "no CUDA device: on a machine with a CUDA GPU, run `bash .ci/gpu-check`"
 
 # (shape, block, gamma, channels_last, dtype)
 CASES = [

@@ -230,7 +230,7 @@ def _tensors(out: object) -> list[torch.Tensor]:
 
 @pytest.mark.skipif(
     not torch.cuda.is_available(),
-    reason="no CUDA device: the GPU checks run where the device tool lends one (.ci/gpu-check)",
+    reason="no CUDA device: on a machine with a CUDA GPU, run `bash .ci/gpu-check`",
 )
 class TestCuda:
     def test_eager_op_rate_and_rescale(self) -> None:

@@ -1,7 +1,7 @@
 """The DropBlock op: ``drop_block(x, drop_prob, block_size)`` on 4-D and 5-D tensors.
 
 Two implementations draw seeds the same way (:mod:`dropblock_inject.op.sampling`), and CUDA has
-a third, fused one in Triton (:mod:`dropblock_inject.op.fused`, 4-D per-channel inputs):
+a third, fused one in Triton (:mod:`dropblock_inject.op.fused`, 4-D and 5-D inputs with small maps):
 
 * eager (:class:`_DropBlockFunction`): the exact seeds, their block rows as storage indices, the
   dropped units counted (from the sorted rows, or a dense ``bool`` map when rows are many), one
@@ -178,7 +178,7 @@ def _count_dropped(dropped: torch.Tensor) -> torch.Tensor:
     """Number of True entries of a padded map from :func:`_new_dropped_map`, as a 0-d int64.
 
     Every byte is 0 or 1, so summing 255 int64 words adds each byte lane without a carry; the
-    lane sums are then bytes again. 4-5x faster than ``count_nonzero`` on CPU.
+    lane sums are then bytes again. Faster than ``count_nonzero`` on CPU.
     """
     lanes = dropped.view(torch.int64).view(-1, 255).sum(1)
     return lanes.view(torch.uint8).sum()
@@ -196,7 +196,7 @@ class _DropBlockFunction(torch.autograd.Function):
         gamma = geom.seed_rate(rate, mode)
         pos = seed_positions(num_pos, max_seeds(num_pos, gamma), gamma, device=x.device, generator=generator)
         # half inputs keep the rows path: a float32 factor tensor would take ATen's mixed-dtype loop
-        # (2-9x slower measured for bfloat16), a half one would round the scale
+        # (measured slower for bfloat16), a half one would round the scale
         if math.prod(geom.seed_grid) == 1 and x.dtype in FACTOR_DTYPES:
             return _drop_planes(ctx, x, pos, batch, inplace)
         strides = shared_strides(x) if shared else x.stride()

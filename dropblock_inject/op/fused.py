@@ -16,10 +16,8 @@ seeds are drawn per sample and whose words the apply kernel indexes by sample):
 
 The first pair of kernels, ``KERNELS = "tiles"`` (``DROPBLOCK_INJECT_FUSED_KERNELS=tiles``), draws
 the same seeds but stores one word per seed row (``seed_kernel``) and rebuilds the rows in tiles
-of planes by rows (``apply_kernel``). It gives the very same output. The flat pair was faster at
-every shape timed but one (graph replay at (64, 1024, 14, 14)/7: 1.28x the time of ``x * 2``
-against 1.46x on an H100, 1.76x against 2.25x on an H200 before the seed kernels' rewrite), so it
-is the default.
+of planes by rows (``apply_kernel``). It gives the very same output. The flat pair is the default
+because it was the faster at every shape timed but one (docs/performance.md).
 
 Under ``torch.compile`` a model takes the traceable op of :mod:`~dropblock_inject.op.traceable`,
 which Inductor fuses with its neighbours; ``DROPBLOCK_INJECT_FUSED_COMPILED=1`` makes it call
@@ -54,7 +52,7 @@ DIRECT_LAUNCH = True  # launch a compiled kernel directly after its first launch
 CHANNELS_LAST_PLANES = 8  # channels_last: channels per apply tile at least (adjacent in memory)
 KERNEL_SETS = ("tiles", "flat")  # seed words + tiled apply; row words + storage-order apply
 KERNELS = os.environ.get("DROPBLOCK_INJECT_FUSED_KERNELS", "flat")
-FLAT_BLOCK = 1024  # units per program of apply_flat_kernel (H200: 1.60x x*2 against 1.70x at 2048)
+FLAT_BLOCK = 1024  # units per program of apply_flat_kernel (faster than 2048: docs/performance.md)
 COUNT_POOL = 256  # zeroed counts made at once for eager calls: one fill launch per this many calls
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_POSITIONS = 2**30  # seed positions per call (Philox offsets are 32-bit)

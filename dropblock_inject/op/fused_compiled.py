@@ -6,11 +6,10 @@ With ``DROPBLOCK_INJECT_FUSED_COMPILED=1`` (``COMPILED``) a compiled model calls
 (backward: ``dropblock_inject::fused_drop_block_backward``); by default, and for other inputs,
 compiled graphs take the traceable op (:mod:`~dropblock_inject.op.traceable`).
 
-Alone, the custom op is the faster: on an H100 at (64, 1024, 14, 14)/7 its kernels took 1.29x
-the time of the compiled ``x * 2``, the traceable op's 1.84x (profiler). In a model it is the
-slower, because Inductor cannot fuse into it: a compiled resnet26 training step (batch 64, fp16
-autocast, channels_last, H100) cost 1.19-1.32x the unpatched step with the custom op against
-1.07-1.08x with the traceable op, whose multiply Inductor fuses with the neighbouring kernels.
+Alone, the custom op is the faster: its kernels take less time than the traceable op's. In a
+model it is the slower, because Inductor cannot fuse into it, while it fuses the traceable op's
+multiply with the neighbouring kernels; so compiled models take the traceable op by default (the
+kernel and training-step figures are in docs/performance.md).
 The seed is drawn by the graph's own random generator and the seed threshold worked out from the
 rate tensor on the device, so a schedule that changes the rate recompiles nothing and a CUDA graph
 (``mode="reduce-overhead"``) draws new blocks at every replay.
