@@ -8,7 +8,8 @@ The loop the command ``dropblock-inject finetune`` runs, usable from Python::
 It builds the model (random weights, the hub's with ``pretrained``, or a ``checkpoint`` file whose
 classifier head may have another number of classes), injects DropBlock with
 :func:`dropblock_inject.inject`, ramps it with :class:`dropblock_inject.DropBlockSchedule` over
-the whole run (the paper's schedule), and trains with AdamW or SGD under a cosine learning rate.
+the whole run (the paper's schedule, or the ``schedule:`` of the ``recipe``), and trains with
+AdamW or SGD under a cosine learning rate.
 ``compare`` trains the same model without DropBlock from the same seed. Under ``torchrun`` it
 trains with ``DistributedDataParallel``: every rank starts from the same weights and draws its
 own DropBlock masks; rank 0 reports and writes the files.
@@ -41,7 +42,7 @@ from dropblock_inject.data import Splits, load_splits
 from dropblock_inject.errors import DropBlockInjectError
 from dropblock_inject.models import create_model
 from dropblock_inject.pipeline.rewrite import apply_plan
-from dropblock_inject.recipe import load_recipe
+from dropblock_inject.recipe import load_recipe, recipe_for
 from dropblock_inject.schedule import DropBlockSchedule
 
 __all__ = [
@@ -540,7 +541,7 @@ def _train_run(setup: _Setup, run: str) -> RunResult:
     wrapped = _wrap(model, setup)
     opt = _optimizer(model, cfg)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(cfg.epochs * steps))
-    db_sched = DropBlockSchedule(model, total_steps=cfg.epochs * steps) if sites else None
+    db_sched = _dropblock_schedule(model, cfg, cfg.epochs * steps) if sites else None
     if setup.main:
         reporter.train_start(run, cfg.epochs, steps)
     history, start = [], time.perf_counter()
@@ -566,6 +567,16 @@ def _train_run(setup: _Setup, run: str) -> RunResult:
         strip(model)
     seconds = time.perf_counter() - start
     return RunResult(run, history, row["val_acc"], val_loss, int(correct), int(count), seconds, model, sites)
+
+
+def _dropblock_schedule(model: nn.Module, cfg: FinetuneConfig, total_steps: int) -> DropBlockSchedule:
+    """The recipe's ``schedule:`` (kind, warm-up as a fraction of the run); without a recipe, the
+    paper's linear ramp over the whole run."""
+    if cfg.recipe is None:
+        return DropBlockSchedule(model, total_steps=total_steps)
+    recipe = recipe_for(model, cfg.model) if cfg.recipe == "auto" else load_recipe(cfg.recipe)
+    warmup = int(recipe.schedule["warmup_fraction"] * total_steps)  # < total_steps: the fraction is < 1
+    return DropBlockSchedule(model, total_steps=total_steps, warmup_steps=warmup, kind=recipe.schedule["kind"])
 
 
 def _wrap(model: nn.Module, setup: _Setup) -> nn.Module:

@@ -290,6 +290,21 @@ class TestRollback:
             dbi.plan(Net(), input_size=(64, 64))
 
 
+class TestStrip:
+    @pytest.mark.parametrize("thing", ["resnet50", None, [nn.Conv2d(3, 8, 3)], nn.Conv2d], ids=str)
+    def test_strip_takes_a_module(self, thing) -> None:
+        with pytest.raises(TypeError, match=rf"strip\(\) takes an nn\.Module, got {type(thing).__name__}"):
+            dbi.strip(thing)
+
+    def test_strip_of_an_unpatched_model_leaves_it_alone(self) -> None:
+        model = Net()
+        own = model.stage3[0].bn1.dropblock = dbi.DropBlock(0.1, 3)  # the user's own, not injected
+        modules = [(name, id(m)) for name, m in model.named_modules()]
+        assert dbi.strip(model) is model
+        assert [(name, id(m)) for name, m in model.named_modules()] == modules
+        assert model.stage3[0].bn1.dropblock is own
+
+
 @pytest.mark.slow
 def test_compiled_patched_model_trains_and_evaluates() -> None:
     from torch._dynamo.testing import CompileCounterWithBackend

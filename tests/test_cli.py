@@ -35,12 +35,13 @@ class TestCli:
 
 class TestBench:
     def test_bench_op_reports_ratios(self) -> None:
+        # a benchmark is a command: this checks that it runs and prints a line per row, not its numbers
         lines: list[str] = []
         rows = bench_op([((2, 8, 14, 14), 7)], repeats=1, print_fn=lines.append)
         names = {row["name"] for row in rows}
         assert {"floor x*2", "ours per-channel", "ours shared"} <= names
-        assert next(r for r in rows if r["name"] == "floor x*2")["ratio"] == 1.0
-        assert any("x floor" in line for line in lines)
+        for name in names:
+            assert any(line.strip().startswith(name) and line.endswith("x floor") for line in lines), name
 
     def test_bench_op_compiled_rows_use_the_compiled_floor(self, monkeypatch) -> None:
         import torch
@@ -48,10 +49,10 @@ class TestBench:
         monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # the wiring, without Inductor's minutes
         lines: list[str] = []
         rows = bench_op([((2, 8, 14, 14), 7)], repeats=1, compiled=True, print_fn=lines.append)
-        by_name = {row["name"]: row for row in rows}
-        assert by_name["compiled floor x*2"]["ratio"] == 1.0
-        assert {"compiled per-channel", "compiled shared"} <= set(by_name)
-        assert any("x compiled floor" in line for line in lines)
+        names = {row["name"] for row in rows}
+        assert {"compiled floor x*2", "compiled per-channel", "compiled shared"} <= names
+        for name in {"compiled floor x*2", "compiled per-channel", "compiled shared"}:
+            assert any(line.strip().startswith(name) and line.endswith("x compiled floor") for line in lines), name
 
     def test_time_paired_times_each_candidate_right_after_its_baseline(self, monkeypatch) -> None:
         from dropblock_inject import bench
@@ -115,33 +116,44 @@ class TestVizAndBenchStep:
         lines: list[str] = []
         times = bench_step("resnet10t", batch_size=2, input_size=(3, 64, 64), repeats=1, print_fn=lines.append)
         assert {"train unpatched", "train patched", "eval patched", "train timm drop_block_rate"} <= set(times)
-        assert {"eval stripped", "memory unpatched", "memory patched"} <= set(times)
-        assert 0.0 < times["op share"] < 0.5
+        assert {"eval stripped", "memory unpatched", "memory patched", "op share"} <= set(times)
         assert any("DropBlock ops (forward + backward)" in line for line in lines)
         assert any("x unpatched" in line for line in lines)
         assert any(line.strip().startswith("patched") and "MB" in line for line in lines)
 
-    def test_op_share_times_the_op_and_restores_it(self) -> None:
+    def test_op_share_times_the_op_and_restores_it(self, monkeypatch) -> None:
+        import types
+
         import torch
 
-        from dropblock_inject.bench import op_share
+        from dropblock_inject import bench
         from dropblock_inject.op.functional import _DropBlockFunction
 
+        # a clock that only moves when told: 1 s outside the op and 2 s in its forward per step
+        now = [0.0]
+        monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+        forward = _DropBlockFunction.forward
+
+        def slow_forward(*args):
+            now[0] += 2.0
+            return forward(*args)
+
+        monkeypatch.setattr(_DropBlockFunction, "forward", staticmethod(slow_forward))
         originals = (_DropBlockFunction.forward, _DropBlockFunction.backward)
         x = torch.randn(8, 32, 14, 14, requires_grad=True)
 
         def step() -> None:
-            torch.randn(256, 256) @ torch.randn(256, 256)  # time outside the op
+            now[0] += 1.0
             drop_block(x, 0.1, 5).sum().backward()
 
-        assert 0.0 < op_share(step) < 1.0
+        assert bench.op_share(step, repeats=3) == pytest.approx(2.0 / 3.0)
         assert (_DropBlockFunction.forward, _DropBlockFunction.backward) == originals
 
         def failing() -> None:
             raise RuntimeError("step failed")
 
         with pytest.raises(RuntimeError, match="step failed"):
-            op_share(failing)
+            bench.op_share(failing)
         assert (_DropBlockFunction.forward, _DropBlockFunction.backward) == originals
 
     def test_bench_step_channels_last_and_autocast(self) -> None:

@@ -69,12 +69,14 @@ def test_inject_keeps_the_contract(name: str) -> None:
     assert all(a is b for a, b in zip(model.parameters(), params))
     with torch.no_grad():
         assert torch.equal(output_tensor(model.eval()(x)), output_tensor(reference(x)))
-    model.train()
-    output_tensor(model(x)).float().square().mean().backward()
-    had_grad = [n for n, p in reference.named_parameters() if p.requires_grad]
-    grads = dict(model.named_parameters())
-    missing = [n for n in had_grad if grads[n].grad is None]
-    assert len(missing) <= len(had_grad) // 10, missing[:5]  # (aux/unused heads aside)
+    # every parameter that gets a gradient in the unpatched model gets one in the patched model
+    for m in (reference, model):
+        m.train()
+        output_tensor(m(x)).float().square().mean().backward()
+    had = {n for n, p in reference.named_parameters() if p.grad is not None}
+    got = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert had, "the unpatched model got no gradient"
+    assert had <= got, f"parameters lost their gradient: {sorted(had - got)[:5]}"
     dbi.strip(model)
     assert not any(isinstance(m, dbi.DropBlock) and getattr(m, "injected", False) for m in model.modules())
 
@@ -179,13 +181,3 @@ def test_methods_and_attributes_survive() -> None:
     assert model.forward_features(torch.randn(1, 3, 64, 64)).shape[1] == 2048
     model.reset_classifier(5)
     assert model.layer3[0].downsample is not None
-
-
-def test_inject_speed_is_reported_in_benchmarks_not_asserted() -> None:
-    # plan + inject must stay well below a few seconds even on a busy CI machine
-    import time
-
-    model = timm.create_model("resnet50")
-    t0 = time.perf_counter()
-    dbi.inject(model)
-    assert time.perf_counter() - t0 < 30
