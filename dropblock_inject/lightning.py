@@ -53,7 +53,11 @@ class DropBlockCallback(Callback):
                                           kind=self.kind, start=self.start)  # fmt: skip
         if self._pending_state is not None:
             self.schedule.load_state_dict(self._pending_state)
-        self.schedule.step_update(trainer.global_step)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        # Lightning restores the global step of a resumed run after on_fit_start, before on_train_start
+        if self.schedule is not None:
+            self.schedule.step_update(trainer.global_step)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.schedule is None:

@@ -13,8 +13,10 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import functools
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -89,17 +91,24 @@ def list_recipes(pattern: str = "*") -> list[str]:
 def load_recipe(path_or_name: str | Path) -> Recipe:
     """Load a shipped recipe by name, or any YAML file by path.
 
+    A relative ``base:`` path is found next to the file that names it. Files are parsed once
+    and read again when they change on disk.
+
     Raises:
         RecipeError: Unknown name, unreadable file, or a malformed key (the message names the
             file, the key and what is allowed).
     """
-    path = _find(path_or_name)
-    return _load(str(path))
+    path = str(_find(path_or_name))
+    raw, header = _read(path)
+    merged = _overlay(_bases(path, raw, {os.path.realpath(path)}), raw)
+    return _build(path, merged, header)
 
 
 def _find(path_or_name: str | Path) -> Path:
     path = Path(path_or_name)
     if path.suffix in (".yaml", ".yml") or path.exists():
+        if path.is_dir():
+            raise RecipeError(f"recipe file {str(path)!r} is a folder: give a YAML file in it, or a recipe name")
         if not path.is_file():
             raise RecipeError(f"recipe file {str(path)!r} does not exist")
         return path
@@ -109,30 +118,25 @@ def _find(path_or_name: str | Path) -> Path:
     return shipped
 
 
-@functools.lru_cache(maxsize=128)
-def _load(path: str) -> Recipe:
-    raw = _read(path)
-    merged = dict(raw)
-    if "base" in raw:
-        base = raw["base"]
-        if not isinstance(base, str):
-            raise RecipeError(f"{path}: key 'base' must be {TOP_KEYS['base']}, got {base!r}")
-        base_path = _find(base if not base.endswith((".yaml", ".yml")) else Path(path).parent / base)
-        if str(base_path) == path:
-            raise RecipeError(f"{path}: a recipe cannot extend itself")
-        merged = _overlay(_read_chain(str(base_path), {path}), raw)
-    return _build(path, merged, _header(path))
+def _bases(path: str, raw: dict[str, Any], seen: set[str]) -> dict[str, Any]:
+    """The keys that ``raw``'s chain of bases sets, nearest last (``match`` is never inherited).
 
-
-def _read_chain(path: str, seen: set[str]) -> dict[str, Any]:
-    """A recipe's keys with its bases' keys underneath (``match`` is never inherited)."""
-    if path in seen:
-        raise RecipeError(f"{path}: 'base' recipes form a cycle")
-    raw = _read(path)
-    merged: dict[str, Any] = {}
-    if "base" in raw:
-        merged = _read_chain(str(_find(raw["base"])), seen | {path})
-    return _overlay(merged, {k: v for k, v in raw.items() if k != "match"})
+    ``seen`` holds the real paths of the files on the chain so far, ``path``'s included.
+    """
+    if "base" not in raw:
+        return {}
+    base = raw["base"]
+    if not isinstance(base, str):
+        raise RecipeError(f"{path}: key 'base' must be {TOP_KEYS['base']}, got {base!r}")
+    # a relative path is relative to the folder of the file that names it (joining keeps an absolute one)
+    base_path = str(_find(Path(path).parent / base if base.endswith((".yaml", ".yml")) else base))
+    real = os.path.realpath(base_path)
+    if real == os.path.realpath(path):
+        raise RecipeError(f"{path}: a recipe cannot extend itself")
+    if real in seen:
+        raise RecipeError(f"{base_path}: 'base' recipes form a cycle")
+    data, _ = _read(base_path)
+    return _overlay(_bases(base_path, data, seen | {real}), {k: v for k, v in data.items() if k != "match"})
 
 
 def _overlay(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
@@ -145,16 +149,32 @@ def _overlay(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _read(path: str) -> dict[str, Any]:
+def _read(path: str) -> tuple[dict[str, Any], str]:
+    """The file's keys (a fresh copy, free to change) and its header comment."""
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+        stat = os.stat(path)
     except OSError as e:
         raise RecipeError(f"cannot read recipe {path}: {e.strerror}") from e
+    data, header = _parse(path, os.path.realpath(path), stat.st_mtime_ns, stat.st_size)
+    return copy.deepcopy(data), header
+
+
+@functools.lru_cache(maxsize=256)
+def _parse(path: str, real_path: str, mtime_ns: int, size: int) -> tuple[dict[str, Any], str]:
+    """Parse and check one file; cached on where it is and when it last changed (the last three args)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start}): save the file as UTF-8") from e
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML: {e}") from e
     if data is None:
-        return {}
+        return {}, _header(text)
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of keys, got {type(data).__name__}")
     unknown = sorted(set(data) - set(TOP_KEYS))
@@ -162,18 +182,18 @@ def _read(path: str) -> dict[str, Any]:
         raise RecipeError(f"{path}: unknown key(s) {unknown}; allowed: {', '.join(TOP_KEYS)}")
     if "drop_prob" in data and "keep_prob" in data:
         raise RecipeError(f"{path}: give drop_prob or keep_prob, not both")
-    return data
+    return data, _header(text)
 
 
-def _header(path: str) -> str:
+def _header(text: str) -> str:
+    """The comment block at the top of a file's ``text``."""
     lines = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip() and not lines:
-                continue
-            if not line.startswith("#"):
-                break
-            lines.append(line[1:].strip())
+    for line in text.splitlines():
+        if not line.strip() and not lines:
+            continue
+        if not line.startswith("#"):
+            break
+        lines.append(line[1:].strip())
     return "\n".join(lines).strip()
 
 

@@ -106,22 +106,32 @@ class DropBlockSchedule:
         self._apply()
 
     def state_dict(self) -> dict[str, Any]:
-        """The global step and the settings (a callable ``kind`` is stored by name)."""
-        kind = self.kind if isinstance(self.kind, str) else getattr(self.kind, "__name__", "callable")
+        """The global step and the settings.
+
+        A callable ``kind`` is stored by name, with ``kind_is_callable`` set, so that a function
+        that happens to be called ``"linear"`` is not read back as the built-in kind.
+        """
+        is_callable = callable(self.kind)
+        kind = getattr(self.kind, "__name__", "callable") if is_callable else self.kind
         return {
             "last_step": self.last_step,
             "total_steps": self.total_steps,
             "warmup_steps": self.warmup_steps,
             "kind": kind,
+            "kind_is_callable": is_callable,
             "start": self.start,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the step saved by :meth:`state_dict` and re-apply the rate."""
+        """Restore the step saved by :meth:`state_dict` and re-apply the rate.
+
+        A saved built-in kind replaces this schedule's kind; a saved callable cannot be restored
+        from its name, so this schedule keeps the kind it was built with.
+        """
         self.total_steps = int(state.get("total_steps", self.total_steps))
         self.warmup_steps = int(state.get("warmup_steps", self.warmup_steps))
         self.start = float(state.get("start", self.start))
-        if isinstance(state.get("kind"), str) and state["kind"] in KINDS:
+        if not _saved_callable(state, self.kind) and state.get("kind") in KINDS:
             self.kind = state["kind"]
         self.step_update(int(state["last_step"]))
 
@@ -138,6 +148,17 @@ class DropBlockSchedule:
             f"{type(self).__name__}(modules={len(self.modules)}, step={self.last_step}/{self.total_steps}, "
             f"warmup_steps={self.warmup_steps}, kind={kind!r}, start={self.start}, progress={self.progress():.3f})"
         )
+
+
+def _saved_callable(state: dict[str, Any], kind: str | Callable[[int], float]) -> bool:
+    """Whether ``state`` was saved from a callable kind.
+
+    States saved before ``kind_is_callable`` existed say so only by name: one whose kind is the
+    name of the callable this schedule was built with is taken to come from that callable.
+    """
+    if "kind_is_callable" in state:
+        return bool(state["kind_is_callable"])
+    return callable(kind) and getattr(kind, "__name__", None) == state.get("kind")
 
 
 def _find_modules(model_or_modules: nn.Module | Iterable[DropBlock]) -> list[DropBlock]:

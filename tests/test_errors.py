@@ -159,13 +159,26 @@ class TestRulesValidation:
             dbi.load_recipe(path)
 
     @pytest.mark.parametrize(
-        "override", [{"drop_prob": 5.0}, {"block_size": 0}, {"gamma_scale": -1.0}], ids=["p", "block", "scale"]
+        ("override", "message"),
+        [
+            ({"drop_prob": 5.0}, "drop_prob must be in [0, 1], got 5.0"),
+            ({"block_size": 0}, "block_size must be >= 1 in every dimension, got 0"),
+            ({"gamma_scale": -1.0}, "gamma_scale must be a non-negative number, got -1.0"),
+        ],
+        ids=["p", "block", "scale"],
     )
-    @pytest.mark.xfail(
-        strict=True,
-        reason="product gap: Rules checks the keys of overrides, not their values; a bad value reaches the "
-        "plan (drop_prob 5.0 is planned) or fails later as a plain ValueError",
-    )
-    def test_bad_override_values_name_the_pattern(self, override) -> None:
-        with pytest.raises(dbi.RecipeError, match=r"override '2\.\*'"):
+    def test_bad_override_values_name_the_pattern(self, override, message) -> None:
+        with pytest.raises(dbi.RecipeError) as exc:
             dbi.plan(small_net(), dbi.Rules(overrides={"2.*": override}), input_size=SIZE)
+        assert str(exc.value) == f"arguments: override '2.*': {message}"
+
+    def test_a_bad_stage_gamma_scale_names_the_stage(self) -> None:
+        with pytest.raises(dbi.RecipeError, match=r"^arguments: stage -2: gamma_scale must be a non-negative"):
+            dbi.Rules(stage_gamma_scale={-2: -0.25})
+
+    def test_a_bad_override_in_a_recipe_file_names_the_file_and_the_pattern(self, tmp_path) -> None:
+        path = tmp_path / "mine.yaml"
+        path.write_text("overrides:\n  'layer4.*': {drop_prob: 5.0}\n")
+        with pytest.raises(dbi.RecipeError) as exc:
+            dbi.load_recipe(path)
+        assert str(exc.value) == f"{path}: override 'layer4.*': drop_prob must be in [0, 1], got 5.0"

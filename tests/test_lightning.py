@@ -76,12 +76,6 @@ class TestDropBlockCallback:
         assert resumed.schedule is not None and resumed.schedule.total_steps == 8
         assert resumed.schedule.last_step == 12
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="product bug: DropBlockCallback.on_fit_start loads the saved step, then steps to "
-        "trainer.global_step, which Lightning restores only after on_fit_start (still 0): the first "
-        "resumed batch runs at the step-0 rate",
-    )
     def test_first_batch_after_a_resume_runs_at_the_saved_step(self, resumed_run) -> None:
         rates, seen, _, _ = resumed_run
         step, got = seen[0]

@@ -4,6 +4,7 @@ schedule section as finetune applies it."""
 from __future__ import annotations
 
 import itertools
+import os
 import textwrap
 from pathlib import Path
 
@@ -184,6 +185,13 @@ class TestBasesAndUnreadableFiles:
         with pytest.raises(dbi.RecipeError, match=r"\.yaml: 'base' recipes form a cycle"):
             dbi.load_recipe(tmp_path / f"{chain[0]}.yaml")
 
+    def test_a_cycle_through_relative_and_absolute_spellings_is_found(self, tmp_path) -> None:
+        (tmp_path / "sub").mkdir()
+        write(tmp_path, "base: sub/b.yaml\n", "a.yaml")
+        write(tmp_path, "base: ../a.yaml\n", "sub/b.yaml")
+        with pytest.raises(dbi.RecipeError, match=r"\.yaml: 'base' recipes form a cycle"):
+            dbi.load_recipe(tmp_path / "a.yaml")
+
     def test_a_chain_of_bases_is_inherited_nearest_first(self, tmp_path) -> None:
         write(tmp_path, "drop_prob: 0.3\nstages: 1\nblock_size: 3\n", "c.yaml")
         write(tmp_path, f"base: {tmp_path / 'c.yaml'}\nkeep_prob: 0.8\nblock_size: 5\n", "b.yaml")
@@ -191,11 +199,6 @@ class TestBasesAndUnreadableFiles:
         assert recipe.rules.drop_prob == pytest.approx(0.2)  # b's keep_prob replaces c's drop_prob
         assert (recipe.rules.stages, recipe.rules.block_size) == (1, 7)
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="product bug: recipe._read_chain resolves a base's own relative 'base' against the current "
-        "directory, not the folder of the file that names it (only the first level is resolved there)",
-    )
     def test_relative_bases_are_found_next_to_the_file_that_names_them(self, tmp_path) -> None:
         (tmp_path / "family").mkdir()
         write(tmp_path, "drop_prob: 0.3\n", "family/root.yaml")
@@ -214,24 +217,42 @@ class TestBasesAndUnreadableFiles:
 
     def test_a_folder_a_missing_path_and_a_missing_base(self, tmp_path) -> None:
         (tmp_path / "folder.yaml").mkdir()
-        for path in (tmp_path / "folder.yaml", tmp_path, tmp_path / "missing.yaml"):
-            with pytest.raises(dbi.RecipeError, match=rf"recipe file '{path}' does not exist"):
+        for path in (tmp_path / "folder.yaml", tmp_path):
+            with pytest.raises(dbi.RecipeError, match=rf"recipe file '{path}' is a folder: give a YAML file in it"):
                 dbi.load_recipe(path)
+        with pytest.raises(dbi.RecipeError, match=rf"recipe file '{tmp_path / 'missing.yaml'}' does not exist"):
+            dbi.load_recipe(tmp_path / "missing.yaml")
         with pytest.raises(dbi.RecipeError, match=rf"recipe file '{tmp_path / 'gone.yaml'}' does not exist"):
             dbi.load_recipe(write(tmp_path, f"base: {tmp_path / 'gone.yaml'}\n", "child.yaml"))
         with pytest.raises(dbi.RecipeError, match="unknown recipe 'no_such_family'"):
             dbi.load_recipe(write(tmp_path, "base: no_such_family\n", "child2.yaml"))
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="product bug: recipe._read catches OSError and YAMLError, not the UnicodeDecodeError of a "
-        "file that is not UTF-8",
-    )
     def test_a_file_that_is_not_utf8(self, tmp_path) -> None:
         path = tmp_path / "latin1.yaml"
         path.write_bytes("# r\xe9glages\ndrop_prob: 0.1\n".encode("latin-1"))
-        with pytest.raises(dbi.RecipeError, match=r"latin1\.yaml"):
+        with pytest.raises(dbi.RecipeError, match=r"latin1\.yaml: not UTF-8 text \(byte 3\): save the file as UTF-8"):
             dbi.load_recipe(path)
+
+    def test_a_file_edited_between_loads_is_read_again(self, tmp_path) -> None:
+        path = write(tmp_path, "drop_prob: 0.1\n")
+        base = write(tmp_path, "stages: 1\n", "base.yaml")
+        child = write(tmp_path, "base: base.yaml\n", "child.yaml")
+        assert dbi.load_recipe(path).rules.drop_prob == 0.1
+        assert dbi.load_recipe(child).rules.stages == 1
+        for edited, text in ((path, "drop_prob: 0.25\n"), (base, "stages: 2\n")):
+            edited.write_text(text)
+            stamp = edited.stat().st_mtime_ns + 10**9  # a later time, whatever the file system's resolution
+            os.utime(edited, ns=(stamp, stamp))
+        assert dbi.load_recipe(path).rules.drop_prob == 0.25
+        assert dbi.load_recipe(child).rules.stages == 2  # an edited base is seen through the file naming it
+
+    def test_a_loaded_recipe_is_the_callers_own(self, tmp_path) -> None:
+        path = write(tmp_path, "overrides:\n  'layer4.*': {drop_prob: 0.2}\n")
+        first = dbi.load_recipe(path)
+        first.rules.overrides["layer4.*"]["drop_prob"] = 0.9
+        first.rules.include.append("layer3.*")
+        second = dbi.load_recipe(path)
+        assert second.rules.overrides == {"layer4.*": {"drop_prob": 0.2}} and second.rules.include == []
 
 
 class RateProbe(Reporter):

@@ -71,7 +71,8 @@ class TestDropBlockSchedule:
         sched = DropBlockSchedule(model(), total_steps=10, kind=full_after)
         sched.step_update(4)
         state = sched.state_dict()
-        assert state == {"last_step": 4, "total_steps": 10, "warmup_steps": 0, "kind": "full_after", "start": 0.0}
+        assert state == {"last_step": 4, "total_steps": 10, "warmup_steps": 0, "kind": "full_after",
+                         "kind_is_callable": True, "start": 0.0}  # fmt: skip
         assert DropBlockSchedule(model(), total_steps=10, kind=lambda step: 0.0).state_dict()["kind"] == "<lambda>"
         # a function cannot be restored from its name: the resumed schedule keeps the callable it
         # was built with, and continues at the saved step
@@ -83,16 +84,11 @@ class TestDropBlockSchedule:
         assert resumed.rates() == [0.0, 0.0]
         # settings of a built-in kind saved before are taken over by a fresh schedule
         builtin = DropBlockSchedule(model(), total_steps=50, kind="constant", warmup_steps=5, start=0.01)
-        builtin.load_state_dict({**state, "kind": "cosine"})
+        builtin.load_state_dict({**state, "kind": "cosine", "kind_is_callable": False})
         assert (builtin.kind, builtin.total_steps, builtin.warmup_steps, builtin.start) == ("cosine", 10, 0, 0.0)
         assert builtin.rates() == pytest.approx([0.1 * 0.5 * (1 - math.cos(math.pi * 0.4)),
                                                  0.2 * 0.5 * (1 - math.cos(math.pi * 0.4))])  # fmt: skip
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="product bug: load_state_dict reads a stored callable's __name__ as a built-in kind, so "
-        "a function named 'linear', 'cosine' or 'constant' is replaced by that kind on resume",
-    )
     def test_a_callable_named_like_a_built_in_kind_survives_a_resume(self) -> None:
         def constant(step: int) -> float:  # a user's own schedule that happens to be called "constant"
             return min(step / 10, 1.0)
@@ -100,6 +96,22 @@ class TestDropBlockSchedule:
         resumed = DropBlockSchedule(model(), total_steps=10, kind=constant)
         resumed.load_state_dict(DropBlockSchedule(model(), total_steps=10, kind=constant).state_dict())
         assert resumed.kind is constant
+        # nor does its name replace the built-in kind of a schedule built without it
+        linear = DropBlockSchedule(model(), total_steps=10, kind="linear")
+        linear.load_state_dict(DropBlockSchedule(model(), total_steps=10, kind=constant).state_dict())
+        assert linear.kind == "linear"
+
+    def test_a_state_saved_without_kind_is_callable_is_read_by_name(self) -> None:
+        def cosine(step: int) -> float:
+            return min(step / 10, 1.0)
+
+        old = {"last_step": 3, "total_steps": 10, "warmup_steps": 0, "kind": "cosine", "start": 0.0}
+        own = DropBlockSchedule(model(), total_steps=10, kind=cosine)
+        own.load_state_dict(old)  # the name of the callable it was built with: saved from that callable
+        assert own.kind is cosine
+        builtin = DropBlockSchedule(model(), total_steps=10, kind="linear")
+        builtin.load_state_dict(old)
+        assert builtin.kind == "cosine"
 
     def test_step_is_the_global_step_not_forward_calls(self) -> None:
         import torch

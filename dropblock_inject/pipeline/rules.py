@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from dropblock_inject.errors import RecipeError
-from dropblock_inject.op.functional import _as_block_tuple, validate_args
+from dropblock_inject.op.functional import validate_args
 
 __all__ = ["SITE_SETTINGS", "Rules"]
 
@@ -76,12 +76,11 @@ class Rules:
     source: str = field(default="arguments", compare=False)
 
     def __post_init__(self) -> None:
-        try:
-            validate_args(self.drop_prob, self.block_size, 1.0, self.gamma, "valid")
-            for size in self.stage_block_size.values():
-                _as_block_tuple(size)
-        except (TypeError, ValueError) as e:
-            raise RecipeError(f"{self.source}: {e}") from e
+        self._check_settings("", drop_prob=self.drop_prob, block_size=self.block_size)
+        for size in self.stage_block_size.values():
+            self._check_settings("", block_size=size)
+        for stage, scale in self.stage_gamma_scale.items():
+            self._check_settings(f"stage {stage}: ", gamma_scale=scale)
         self._check_stages()
         if self.block_fraction is not None and not 0.0 < self.block_fraction <= 1.0:
             raise RecipeError(f"{self.source}: block_fraction must be in (0, 1], got {self.block_fraction}")
@@ -91,6 +90,16 @@ class Rules:
                 raise RecipeError(
                     f"{self.source}: override {pattern!r} has unknown keys {sorted(unknown)}; allowed: {SITE_SETTINGS}"
                 )
+            self._check_settings(f"override {pattern!r}: ", **settings)
+
+    def _check_settings(
+        self, where: str, *, drop_prob: Any = 0.0, block_size: Any = 1, gamma_scale: Any = 1.0
+    ) -> None:
+        """Check site settings with the op's own validation; ``where`` prefixes the message."""
+        try:
+            validate_args(drop_prob, block_size, gamma_scale, self.gamma, "valid")
+        except (TypeError, ValueError) as e:
+            raise RecipeError(f"{self.source}: {where}{e}") from e
 
     def _check_stages(self) -> None:
         if isinstance(self.stages, bool) or (isinstance(self.stages, int) and self.stages < 1):
