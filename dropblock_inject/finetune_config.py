@@ -1,0 +1,106 @@
+"""The settings of ``finetune``: :class:`FinetuneConfig`, checked when it is built."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from dropblock_inject.errors import DropBlockInjectError
+from dropblock_inject.recipe import load_recipe
+
+__all__ = ["ConfigError", "FinetuneConfig", "check_recipe"]
+
+
+class ConfigError(DropBlockInjectError, ValueError):
+    """A fine-tuning setting is out of range (the message names it and the value)."""
+
+
+def _opt(default: Any, text: str) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class FinetuneConfig:
+    """Settings of :func:`~dropblock_inject.finetune.finetune`; the defaults train on the embedded digits.
+
+    Example:
+        >>> FinetuneConfig(epochs=3).to_dict()["epochs"]
+        3
+        >>> FinetuneConfig(epochs=0)
+        Traceback (most recent call last):
+        ...
+        dropblock_inject.finetune_config.ConfigError: epochs must be a positive integer, got 0
+    """
+
+    model: str = _opt("resnet10t", "timm name, tv:<torchvision builder> or package.module:callable")
+    data: str | None = _opt(None, "image folder with train/ and val/, or one folder split 80/20 (default: digits)")
+    checkpoint: str | None = _opt(None, "state_dict file to start from (a classifier head of another size is reset)")
+    pretrained: bool = _opt(False, "start from the hub's weights (needs network access)")
+    epochs: int = _opt(4, "training epochs")
+    batch_size: int = _opt(64, "images per optimizer step (per process under torchrun)")
+    lr: float = _opt(2e-3, "peak learning rate (cosine decay after a 5 % warm-up)")
+    optimizer: str = _opt("adamw", "adamw or sgd (momentum 0.9, Nesterov)")
+    weight_decay: float = _opt(0.05, "weight decay")
+    drop_prob: float = _opt(0.1, "DropBlock target drop rate, reached at the end of the linear ramp")
+    recipe: str | None = _opt(None, "recipe name, YAML file or 'auto' (default: the built-in rules)")
+    seed: int = _opt(0, "seed of the weights, the data order and the DropBlock masks")
+    compare: bool = _opt(False, "also train without DropBlock from the same seed and compare")
+    out: str | None = _opt(None, "folder for metrics.csv, metrics.json and model.pt (created if needed)")
+    input_size: int | None = _opt(None, "side of the square training images in px (default: 64 digits, 224 folder)")
+    workers: int | None = _opt(None, "DataLoader workers (default: 0 for the digits, up to 4 for a folder)")
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
+    limit_train_batches: int | None = _opt(None, "at most N training batches per epoch (smoke tests)")
+    limit_val_batches: int | None = _opt(None, "at most N validation batches (smoke tests)")
+
+    def __post_init__(self) -> None:
+        if self.input_size is None:
+            self.input_size = 64 if self.data is None else 224
+        for name in ("epochs", "batch_size", "input_size"):
+            _check_int(name, getattr(self, name), minimum=1)
+        for name in ("limit_train_batches", "limit_val_batches"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), minimum=1)
+        if self.workers is not None:
+            _check_int("workers", self.workers, minimum=0)
+        _check_int("seed", self.seed, minimum=0)
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not (isinstance(self.drop_prob, (int, float)) and 0.0 <= self.drop_prob < 1.0):
+            raise ConfigError(f"drop_prob must be in [0, 1), got {self.drop_prob}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ConfigError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.pretrained and self.checkpoint:
+            raise ConfigError("give either pretrained or checkpoint, not both")
+        check_recipe(self.recipe)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> FinetuneConfig:
+        """The config from :meth:`to_dict`'s output; unknown keys are an error."""
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown finetune settings {sorted(unknown)}")
+        return cls(**values)
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        """The help string of field ``name`` (the command line shows it)."""
+        return next(f.metadata["help"] for f in fields(cls) if f.name == name)
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"{name} must be {kind}, got {value!r}")
+
+
+def check_recipe(recipe: str | None) -> None:
+    """Raise :class:`~dropblock_inject.RecipeError` now if ``recipe`` is an unknown name or a bad file."""
+    if recipe is not None and recipe != "auto":
+        load_recipe(recipe)
