@@ -58,6 +58,7 @@ from dropblock_inject.finetune_report import (
     format_epoch,
 )
 from dropblock_inject.models import create_model
+from dropblock_inject.pipeline.plan import Plan
 from dropblock_inject.pipeline.rewrite import apply_plan
 from dropblock_inject.recipe import load_recipe, recipe_for
 from dropblock_inject.schedule import DropBlockSchedule
@@ -75,6 +76,7 @@ __all__ = [
     "format_comparison",
     "format_epoch",
     "load_weights",
+    "plan_for",
     "read_checkpoint",
 ]
 
@@ -170,11 +172,20 @@ def _build_model(setup: _Setup) -> nn.Module:
     return model
 
 
+def plan_for(config: FinetuneConfig, model: nn.Module) -> Plan:
+    """The DropBlock sites ``finetune`` patches in ``model`` (built for ``config``), at its input size.
+
+    Example:
+        >>> config = FinetuneConfig()
+        >>> [(s.feature, s.block_size) for s in plan_for(config, create_model(config.model, num_classes=10))]
+        [((8, 8), (5, 5)), ((4, 4), (3, 3))]
+    """
+    size = (3, config.input_size, config.input_size)
+    return plan(model, config.rules(), drop_prob=config.drop_prob, input_size=size, model_name=config.model)
+
+
 def _inject(setup: _Setup, model: nn.Module) -> list[dict[str, Any]]:
-    cfg = setup.config
-    size = (3, cfg.input_size, cfg.input_size)
-    kwargs: dict[str, Any] = {"drop_prob": cfg.drop_prob, "input_size": size, "model_name": cfg.model}
-    chosen = plan(model, cfg.recipe, **kwargs)
+    chosen = plan_for(setup.config, model)
     if setup.main:
         setup.reporter.message(str(chosen))
     apply_plan(model, chosen)  # what inject does, without tracing and analysing the model again

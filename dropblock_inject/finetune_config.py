@@ -8,9 +8,18 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from dropblock_inject.errors import DropBlockInjectError
+from dropblock_inject.pipeline.rules import Rules
 from dropblock_inject.recipe import load_recipe
 
-__all__ = ["ConfigError", "FinetuneConfig", "check_recipe"]
+__all__ = ["DIGITS_RULES", "ConfigError", "FinetuneConfig", "check_recipe"]
+
+DIGITS_RULES = Rules(stages=[-3, -2], block_fraction=0.5, stage_gamma_scale={-3: 0.25}, source="the digits' rules")
+"""The rules on the embedded digits when no recipe is given.
+
+At 64 px a ResNet's last two stages have 4x4 and 2x2 maps, where any block covers the whole map
+(SpatialDropout, not DropBlock). These take the two stages before the last (8x8 and 4x4 at
+64 px) with blocks of half the map's side (5x5 and 3x3), a quarter of the rate in the first.
+"""
 
 
 class ConfigError(DropBlockInjectError, ValueError):
@@ -44,7 +53,11 @@ class FinetuneConfig:
     optimizer: str = _opt("adamw", "adamw or sgd (momentum 0.9, Nesterov)")
     weight_decay: float = _opt(0.05, "weight decay")
     drop_prob: float = _opt(0.1, "DropBlock target drop rate, reached at the end of the linear ramp")
-    recipe: str | None = _opt(None, "recipe name, YAML file or 'auto' (default: the built-in rules)")
+    recipe: str | None = _opt(
+        None,
+        "recipe name, YAML file or 'auto' (default: the built-in rules; on the digits, the two stages before "
+        "the last, 8x8 and 4x4 at 64 px, with blocks of half the map's side)",
+    )
     seed: int = _opt(0, "seed of the weights, the data order and the DropBlock masks")
     compare: bool = _opt(False, "also train without DropBlock from the same seed and compare")
     out: str | None = _opt(None, "folder for metrics.csv, metrics.json and model.pt (created if needed)")
@@ -79,6 +92,11 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def rules(self) -> str | Rules | None:
+        """What :func:`~dropblock_inject.plan` takes as its recipe: ``recipe``, else on the
+        embedded digits :data:`DIGITS_RULES`, else None (the built-in rules)."""
+        return DIGITS_RULES if self.recipe is None and self.data is None else self.recipe
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> FinetuneConfig:

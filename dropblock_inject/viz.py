@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 from dropblock_inject.op.functional import drop_block
 from dropblock_inject.pipeline.plan import Plan, Site
 
-__all__ = ["render_plan"]
+__all__ = ["block_label", "render_plan"]
 
 _CELL = 4  # pixels per feature-map unit, at least
 _KEPT, _DROPPED, _INK, _PAPER = (235, 235, 235), (200, 40, 40), (20, 20, 20), (255, 255, 255)
@@ -67,13 +67,29 @@ def _stage_panel(site: Site, channels: int, generator: torch.Generator) -> Image
     shared = drop_block(torch.ones(shape), site.rate, block, shared_channels=True, generator=generator)
     scale = max(_CELL, 48 // max(feature))
     rows = [_mask_row(per_channel[0] == 0, scale), _mask_row(shared[0] == 0, scale)]
-    size, side = "x".join(map(str, site.feature)), "x".join(map(str, block))
     label = (
-        f"stage {site.stage}: {size} map, block {side}, rate {site.rate:.3f} "
+        f"stage {site.stage}: {'x'.join(map(str, site.feature))} map, block {block_label(site)}, rate {site.rate:.3f} "
         f"(expected drop {site.expected_drop:.3f}); top: per channel, bottom: shared"
     )
     body = _stack(rows, gap=4)
     return _stack([_text_panel(label, max(body.width, 10)), body], gap=2)
+
+
+def block_label(site: Site) -> str:
+    """The block as the op applies it (clipped to the feature map), saying when it was clipped
+    and when it covers the whole map (SpatialDropout rather than DropBlock).
+
+    Example:
+        >>> import dropblock_inject as dbi, torchvision
+        >>> [block_label(s) for s in dbi.plan(torchvision.models.resnet18(), input_size=(3, 64, 64))][-1]
+        '2x2 (7x7 clipped; the whole map)'
+    """
+    block, feature = tuple(site.block_size[-2:]), tuple(site.feature[-2:])
+    drawn = tuple(min(b, f) for b, f in zip(block, feature))
+    notes = [f"{'x'.join(map(str, block))} clipped"] if drawn != block else []
+    notes += ["the whole map"] if drawn == feature else []
+    text = "x".join(map(str, drawn))
+    return f"{text} ({'; '.join(notes)})" if notes else text
 
 
 def _mask_row(dropped: torch.Tensor, scale: int) -> Image.Image:

@@ -22,8 +22,10 @@ from dropblock_inject.finetune import (
     Reporter,
     finetune,
     load_weights,
+    plan_for,
     read_checkpoint,
 )
+from dropblock_inject.finetune_config import DIGITS_RULES
 from dropblock_inject.models import create_model
 
 TINY = "test_finetune:tiny_net"  # importable: pytest puts tests/ on sys.path (and spawn passes it on)
@@ -100,6 +102,23 @@ class TestConfig:
         with pytest.raises(ConfigError, match="unknown"):
             FinetuneConfig.from_dict({"epoch": 3})
         assert "epochs" in FinetuneConfig.help("epochs")
+
+
+class TestDefaultDemo:
+    """``dropblock-inject finetune`` with no arguments must show DropBlock, not SpatialDropout."""
+
+    def test_every_default_site_drops_blocks_smaller_than_its_map(self) -> None:
+        config = FinetuneConfig()
+        chosen = plan_for(config, create_model(config.model, num_classes=10))
+        assert len(chosen) >= 2
+        for site in chosen:
+            block = tuple(min(b, f) for b, f in zip(site.block_size, site.feature))  # as the op clips it
+            assert all(b < f for b, f in zip(block, site.feature)), (site.conv, site.feature, site.block_size)
+
+    def test_the_digits_rules_apply_only_without_a_recipe_and_on_the_digits(self) -> None:
+        assert FinetuneConfig().rules() is DIGITS_RULES
+        assert FinetuneConfig(recipe="resnet").rules() == "resnet"
+        assert FinetuneConfig(data="images").rules() is None
 
 
 class TestCheckpoint:
