@@ -54,11 +54,6 @@ class TestVerificationError:
             assert torch.equal(model.eval()(x), before)
         assert isinstance(dbi.VerificationError("x"), RuntimeError)
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="product bug: analyse takes any nn.Module attribute named 'dropblock' on a host for an "
-        "injected DropBlock (isinstance nn.Module, not DropBlock): the site is reported 'patched' and skipped",
-    )
     def test_a_host_with_another_module_named_dropblock_is_refused(self) -> None:
         model = small_net()
         host = model.get_submodule(dbi.plan(model, input_size=SIZE)[-1].host)

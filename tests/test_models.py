@@ -122,11 +122,60 @@ def test_densenet_finds_the_bottleneck_convs_only() -> None:
     assert {s.norm.rsplit(".", 1)[-1] for s in p} == {"norm2"}
 
 
-def test_convnext_has_no_conv_norm_act_site() -> None:
-    with pytest.raises(dbi.NoSitesError, match="permute"):
-        dbi.plan(tv.convnext_tiny())
+CONVNEXT_STYLE = {
+    # name: (constructor, the end of every site's host path): fc1 is a Linear on the (N, H, W, C) map
+    "tv_convnext_tiny": (lambda: tv.convnext_tiny(), "block.3"),
+    "timm_convnext_tiny": (lambda: timm.create_model("convnext_tiny"), "mlp.fc1"),
+    "timm_convnextv2_tiny": (lambda: timm.create_model("convnextv2_tiny"), "mlp.fc1"),
+    "timm_edgenext_x_small": (lambda: timm.create_model("edgenext_x_small"), "mlp.fc1"),
+    "timm_mambaout_femto": (lambda: timm.create_model("mambaout_femto"), "fc1"),
+}
+
+
+@pytest.mark.parametrize("name", CONVNEXT_STYLE)
+def test_convnext_style_blocks_get_fc1_sites(name: str) -> None:
+    build, host_end = CONVNEXT_STYLE[name]
+    torch.manual_seed(0)
+    plain = build()
+    model = copy.deepcopy(plain)
+    p = dbi.plan(model, "auto", model_name=name.removeprefix("timm_").replace("tv_", "tv:"))
+    assert "convnext.yaml" in p.rules.source
+    assert p and all(s.host.endswith(host_end) and s.channel_dim == -1 for s in p)
+    assert {s.stage for s in p} == {len(p.stages) - 2, len(p.stages) - 1}  # the last two stages
+    dbi.inject(model, p.rules)
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(model.eval()(x), plain.eval()(x))
+    dropped = []
+    for db in injected_modules(model):  # each DropBlock sees (N, H, W, C) and drops whole (H, W) blocks
+        db.register_forward_hook(lambda m, args, out: dropped.append((out == 0).flatten(1, 2).all(1).any()))
+    model.train()(x)
+    assert dropped and all(dropped)
+
+
+def test_a_linear_on_a_channels_last_map_is_a_site_only_in_a_conv_block() -> None:
+    class Block(nn.Module):  # ConvNeXt's block with or without its depthwise conv
+        def __init__(self, conv: bool) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(64, 64, 7, padding=3, groups=64) if conv else nn.Identity()
+            self.norm, self.act = nn.LayerNorm(64), nn.GELU()
+            self.fc1, self.fc2 = nn.Linear(64, 256), nn.Linear(256, 64)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.norm(self.conv(x).permute(0, 2, 3, 1))
+            return x + self.fc2(self.act(self.fc1(y))).permute(0, 3, 1, 2)
+
+    for conv in (True, False):
+        model = nn.Sequential(nn.Conv2d(3, 64, 4, stride=4), Block(conv), Block(conv))
+        if conv:
+            assert [s.host for s in dbi.plan(model, input_size=(3, 64, 64))] == ["1.fc1", "2.fc1"]
+        else:  # a transformer's MLP on a token grid (Swin) is not a site
+            with pytest.raises(dbi.NoSitesError):
+                dbi.plan(model, input_size=(3, 64, 64))
+
+
+def test_conv_mlp_convnext_keeps_its_1x1_conv_sites() -> None:
     # timm's convnext_atto uses a conv MLP: fc1 (1x1 conv) -> GELU are its sites, with no norm
-    assert {s.norm for s in dbi.plan(timm.create_model("convnext_atto"))} == {None}
+    assert {(s.norm, s.channel_dim) for s in dbi.plan(timm.create_model("convnext_atto"))} == {(None, 1)}
 
 
 def test_deeplabv3_keeps_its_dilated_stages() -> None:

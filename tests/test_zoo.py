@@ -5,7 +5,9 @@ with a convolution (``zoo_timm_families.txt``); the default run takes a sample t
 kind of model. Each check: ``inject`` succeeds (or raises ``NoSitesError`` with its reason),
 eval output is bit-identical to the unpatched model, a train forward + backward gives a
 gradient to every parameter that had one, ``state_dict`` keys are unchanged, and ``strip``
-leaves no DropBlock and no hook. A summary table is printed at the end and written as CSV to
+leaves no DropBlock and no hook. Where torch.fx traces the unpatched model, the patched model
+traces to the same eval output. The sampled models' outcomes are pinned (``EXPECTED``), and their
+``plan`` and ``inject`` write nothing to stderr. A summary table is printed at the end and written as CSV to
 ``$DROPBLOCK_ZOO_CSV`` (default: ``zoo_results.csv`` in pytest's temporary folder).
 """
 
@@ -15,6 +17,7 @@ import copy
 import csv
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ from typing import Any
 import pytest
 import timm
 import torch
+import torch.fx as fx
 import torchvision
 from torch import nn
 
@@ -93,7 +97,26 @@ SAMPLED = [
     Case("repvgg_b0", "timm"), Case("mobileone_s1", "timm"), Case("vit_tiny_patch16_224", "timm"),
     Case("inception_v3", "timm"), Case("darknet17", "timm"), Case("res2next50", "timm"),
     Case("densenetblur121d", "timm"), Case("vovnet39a", "timm"), Case("mixnet_s", "timm"),
+    # Larger members whose blocks differ from the family's smallest (Linear MLPs on NHWC maps), and
+    # a model whose analysis takes torch's fake-tensor fallback paths (LeViT).
+    Case("convnext_tiny", "timm"), Case("convnext_tiny", "tv"), Case("convnextv2_tiny", "timm"),
+    Case("edgenext_small", "timm"), Case("mambaout_tiny", "timm"), Case("levit_128s", "timm"),
 ]  # fmt: skip
+
+
+# What the sampled models must give under recipe="auto": the number of sites, or the reason for none.
+# A model that loses its sites (or gains unexpected ones) fails here.
+EXPECTED: dict[str, int | str] = {
+    "tv:squeezenet1_0": 16, "tv:shufflenet_v2_x0_5": 26, "tv:googlenet": 42, "tv:mnasnet0_5": 20,
+    "tv:vgg11_bn": 4, "tv:alexnet": 4, "tv:swin_t": "goes to permute, not an activation",
+    "tv:lraspp_mobilenet_v3_large": 18, "tv:ssdlite320_mobilenet_v3_large": 6, "tv:r2plus1d_18": 6,
+    "tv:raft_small": 28, "timm:ghostnet_050": 21, "timm:rexnet_100": 11, "timm:dpn48b": 17,
+    "timm:resnest14d": 4, "timm:repvgg_b0": 34, "timm:mobileone_s1": 33,
+    "timm:vit_tiny_patch16_224": "goes to flatten, not an activation", "timm:inception_v3": 66,
+    "timm:darknet17": 6, "timm:res2next50": 35, "timm:densenetblur121d": 40, "timm:vovnet39a": 24,
+    "timm:mixnet_s": 6, "timm:convnext_tiny": 12, "tv:convnext_tiny": 12, "timm:convnextv2_tiny": 12,
+    "timm:edgenext_small": 12, "timm:mambaout_tiny": 12, "timm:levit_128s": 2,
+}  # fmt: skip
 
 
 def _outputs(out: Any) -> list[torch.Tensor]:
@@ -123,8 +146,11 @@ def _train_losses(out: Any) -> list[torch.Tensor]:
     return list(out.values()) if isinstance(out, dict) else _outputs(out)
 
 
-def check(case: Case) -> dict[str, Any]:
-    """Run every check on one model; returns a result row (raises on a failed check)."""
+def check(case: Case, capfd: pytest.CaptureFixture[str] | None = None) -> dict[str, Any]:
+    """Run every check on one model; returns a result row (raises on a failed check).
+
+    With ``capfd``: ``plan`` and ``inject`` write nothing to stderr and raise no warning.
+    """
     model = case.build()
     inputs = case.inputs(model)
     example = None if case.kind in ("classification", "timm", "segmentation", "video") else inputs
@@ -132,19 +158,27 @@ def check(case: Case) -> dict[str, Any]:
     reference = copy.deepcopy(model).eval()
     keys = list(model.state_dict())
     t0 = time.perf_counter()
+    if capfd is not None:
+        capfd.readouterr()
     try:
-        name = f"tv:{case.name}" if case.source == "tv" else case.name
-        plan = dbi.plan(model, "auto", example_inputs=example, model_name=name)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            name = f"tv:{case.name}" if case.source == "tv" else case.name
+            plan = dbi.plan(model, "auto", example_inputs=example, model_name=name)
+            dbi.inject(model, plan.rules, example_inputs=example)
     except dbi.NoSitesError as e:
         return {**row, "outcome": "no site", "sites": 0, "stages": "", "seconds": time.perf_counter() - t0,
                 "reason": str(e).split(": ", 1)[-1][:160]}  # fmt: skip
-    dbi.inject(model, plan.rules, example_inputs=example)
+    if capfd is not None:
+        assert not capfd.readouterr().err, "plan/inject wrote to stderr"
+        assert not [str(w.message) for w in caught], "plan/inject warned"
     row.update(outcome="injected", sites=len(plan), seconds=time.perf_counter() - t0, reason="",
                stages=",".join(str(s) for s in sorted({s.stage for s in plan})) + f"/{len(plan.stages)}")  # fmt: skip
     assert list(model.state_dict()) == keys
     with torch.no_grad():
         ours, theirs = _outputs(model.eval()(*inputs)), _outputs(reference(*inputs))
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs)), "eval output changed"
+    _check_fx(case, model, reference, inputs)
     _train_loss(case, reference, inputs).backward()
     _train_loss(case, model, inputs).backward()
     had = {n for n, p in reference.named_parameters() if p.grad is not None}
@@ -153,6 +187,18 @@ def check(case: Case) -> dict[str, Any]:
     dbi.strip(model)
     assert not injected_modules(model) and not any(m._forward_hooks for m in model.modules())
     return row
+
+
+def _check_fx(case: Case, model: nn.Module, reference: nn.Module, inputs: tuple[Any, ...]) -> None:
+    """Where torch.fx traces the unpatched model, it traces the patched one to the same eval graph."""
+    if case.kind not in ("classification", "timm"):
+        return
+    try:
+        traced_reference = fx.symbolic_trace(reference.eval())
+    except Exception:
+        return  # not traceable before inject either
+    with torch.no_grad():
+        assert torch.equal(fx.symbolic_trace(model.eval())(*inputs), traced_reference(*inputs))
 
 
 @pytest.fixture(scope="session")
@@ -182,14 +228,19 @@ def _print_summary(rows: list[dict[str, Any]], path: Path) -> None:
     print("\n".join(lines))
 
 
-def _run(case: Case, zoo_report: list[dict[str, Any]]) -> None:
-    row = check(case)
+def _run(case: Case, zoo_report: list[dict[str, Any]], capfd: pytest.CaptureFixture[str] | None = None) -> None:
+    row = check(case, capfd)
     zoo_report.append(row)
+    expected = EXPECTED.get(f"{case.source}:{case.name}")
+    if isinstance(expected, int):
+        assert (row["outcome"], row["sites"]) == ("injected", expected)
+    elif expected is not None:
+        assert row["outcome"] == "no site" and expected in row["reason"], row["reason"]
 
 
 @pytest.mark.parametrize("case", SAMPLED, ids=lambda c: f"{c.source}:{c.name}")
-def test_sampled_zoo(case: Case, zoo_report: list[dict[str, Any]]) -> None:
-    _run(case, zoo_report)
+def test_sampled_zoo(case: Case, zoo_report: list[dict[str, Any]], capfd: pytest.CaptureFixture[str]) -> None:
+    _run(case, zoo_report, capfd)
 
 
 @pytest.mark.zoo

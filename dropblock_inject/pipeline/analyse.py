@@ -15,9 +15,12 @@ analysed instead.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import logging
+import operator
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.fx as fx
@@ -28,6 +31,7 @@ from dropblock_inject.errors import TraceError
 from dropblock_inject.pipeline.layers import (
     activation_name,
     fused_has_activation,
+    is_channel_split,
     is_conv,
     is_dropblock,
     is_fused_norm_act,
@@ -35,11 +39,13 @@ from dropblock_inject.pipeline.layers import (
     is_residual_merge,
     is_slot,
 )
+from dropblock_inject.pipeline.markers import hosted_dropblock, is_injected
 from dropblock_inject.pipeline.trace import LeafSpec, describe_target, node_module, trace
 
-__all__ = ["Analysis", "Candidate", "Rejected", "analyse"]
+__all__ = ["Analysis", "Candidate", "Kind", "Rejected", "Role", "analyse"]
 
-HOOK_ATTR = "dropblock"  # name of the DropBlock child that a hooked module carries
+Kind = Literal["hook", "slot", "fused"]  # how a DropBlock is attached (see Candidate.host)
+Role = Literal["main", "branch", "shortcut"]  # where the conv sits relative to a residual sum
 
 
 @dataclass
@@ -64,21 +70,24 @@ class Candidate:
         role: ``"main"`` (conv -> norm -> act), or for conv -> norm -> add -> act: ``"branch"``
             (the residual branch's last conv, or parallel branches as in RepVGG) or ``"shortcut"``
             (a projection shortcut).
+        channel_dim: 1 for ``(N, C, *spatial)`` outputs; -1 for the ``(N, *spatial, C)`` output of a
+            ``Linear`` over the channels of a channels-last map (ConvNeXt's ``fc1``).
     """
 
     conv: str
     norm: str | None
     act: str
     host: str
-    kind: str
+    kind: Kind
     call: int
     feature: tuple[int, ...]
     channels: int
     stride: int
     dilation: int | None
-    existing: str | None = None
+    existing: Literal["ours"] | str | None = None
     order: int = 0
-    role: str = "main"
+    role: Role = "main"
+    channel_dim: Literal[1, -1] = 1
 
 
 @dataclass
@@ -144,10 +153,34 @@ def analyse(
     first = next((a for a in example_inputs if isinstance(a, torch.Tensor)), None)
     result = Analysis(input_spatial=tuple(first.shape[2:]) if first is not None else ())
     result.model_convs = sum(1 for m in model.modules() if is_conv(m))
-    _analyse_module(model, "", inputs, _Context(fake_mode, leaf_modules, result, model))
+    with _quiet():
+        _analyse_module(model, "", inputs, _Context(fake_mode, leaf_modules, result, model))
     for i, c in enumerate(result.candidates):
         c.order = i
     return result
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Keep torch's logs and warnings about the model's code off stderr while it is analysed.
+
+    Tracing and fake-tensor runs hit ops that the analysis expects to fail (it then descends into
+    the submodules); torch logs each such failure with a traceback (thousands of lines for LeViT)
+    and warns about the model's Python. A real failure still surfaces, as one ``TraceError``.
+    """
+    loggers = [logging.getLogger("torch")]
+    loggers += [lg for name, lg in logging.Logger.manager.loggerDict.items()
+                if name.startswith("torch.") and isinstance(lg, logging.Logger)]  # fmt: skip
+    saved = [(lg, lg.disabled) for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.disabled = True
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, disabled in saved:
+            lg.disabled = disabled
 
 
 def _to_fake(fake_mode: FakeTensorMode, value: Any) -> Any:
@@ -283,10 +316,42 @@ def _find_sites(gm: fx.GraphModule, path: str, ctx: _Context) -> None:
             continue
         if is_conv(module) and "val" in node.meta:
             _follow_chain(gm, node, module, path, ctx.result, ctx.root)
+        elif _is_channels_last_pointwise(module, node, _join(path, str(node.target)), ctx.root):
+            _follow_chain(gm, node, module, path, ctx.result, ctx.root, channel_dim=-1)
         elif _hides_convs(module):
             inputs = tuple(a.meta.get("val") if isinstance(a, fx.Node) else a for a in node.args)
             sub_path = _join(path, str(node.target))
             _analyse_module(module, sub_path, inputs, ctx)
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)  # a stage's list of blocks is not a block
+
+
+def _is_channels_last_pointwise(module: nn.Module, node: fx.Node, module_path: str, root: nn.Module) -> bool:
+    """A ``Linear`` over the channels of an ``(N, *spatial, C)`` map inside a convolutional block.
+
+    ConvNeXt, ConvNeXt V2, EdgeNeXt and MambaOut run their MLPs as ``Linear`` layers on a
+    channels-last map: ``fc1`` is a pointwise convolution in all but name. Its block (the parent,
+    or a grandparent that is not a container of blocks nor the model) must hold a spatial
+    convolution, so a transformer's MLP on a token grid (Swin) is not taken for one.
+    """
+    val = node.meta.get("val")
+    if not isinstance(module, nn.Linear) or not isinstance(val, torch.Tensor) or val.dim() not in (4, 5):
+        return False
+    parent = module_path.rpartition(".")[0]
+    grandparent = parent.rpartition(".")[0]
+    blocks = [root.get_submodule(parent)] if parent else []
+    if grandparent and not isinstance(root.get_submodule(grandparent), _CONTAINERS):
+        blocks.append(root.get_submodule(grandparent))
+    return any(_holds_spatial_conv(b) for b in blocks)
+
+
+def _holds_spatial_conv(module: nn.Module) -> bool:
+    return any(is_conv(m) and max(_tuple(m.kernel_size)) > 1 for m in module.modules())
+
+
+def _tuple(value: int | tuple[int, ...]) -> tuple[int, ...]:
+    return value if isinstance(value, tuple) else (value,)
 
 
 def _keeps_shape(module: nn.Module) -> bool:
@@ -309,18 +374,25 @@ class _Chain:
     conv: nn.Module
     conv_path: str
     host: str
-    kind: str = "hook"
+    kind: Kind = "hook"
     norm: str | None = None
     existing: str | None = None
-    role: str = "main"
+    role: Role = "main"
+    channel_dim: Literal[1, -1] = 1
 
 
 def _follow_chain(
-    gm: fx.GraphModule, conv_node: fx.Node, conv: nn.Module, path: str, result: Analysis, root: nn.Module
+    gm: fx.GraphModule,
+    conv_node: fx.Node,
+    conv: nn.Module,
+    path: str,
+    result: Analysis,
+    root: nn.Module,
+    channel_dim: Literal[1, -1] = 1,
 ) -> None:
     """From a convolution, follow single-user norm/slot links (and residual sums) to an activation."""
     conv_path = _join(path, str(conv_node.target))
-    chain = _Chain(conv_node, conv, conv_path, host=conv_path)
+    chain = _Chain(conv_node, conv, conv_path, host=conv_path, channel_dim=channel_dim)
     node = conv_node
     while True:
         users = list(node.users)
@@ -349,6 +421,14 @@ def _follow_chain(
         elif is_residual_merge(user.op, user.target):
             if chain.role == "main":
                 chain.role = _residual_role(conv_node, node, user)
+        elif chain.role == "main" and is_channel_split(user, chain.node.meta["val"].dim(), chain.channel_dim):
+            # A gated block (MambaOut: fc1 -> split -> act(g) * (i, conv(c))): the DropBlock goes on the
+            # whole output before the split, the site's activation is the one part that has one.
+            acts = _split_activations(gm, user, path)
+            if len(acts) != 1:
+                result.rejected.append(Rejected(conv_path, f"split into {len(acts)} activated parts, not one"))
+                return
+            return _accept(result, chain, *acts[0], root)
         else:
             act = activation_name(user.op, user.target, module)
             if act is not None and chain.norm is None and _feeds_norm(gm, user):
@@ -362,7 +442,22 @@ def _follow_chain(
         node = user
 
 
-def _residual_role(conv_node: fx.Node, operand: fx.Node, add: fx.Node) -> str:
+def _split_activations(gm: fx.GraphModule, split: fx.Node, path: str) -> list[tuple[str, int]]:
+    """The activations that the parts of a channel split feed directly (``getitem -> act``)."""
+    acts = []
+    for part in split.users:
+        users = list(part.users)
+        if part.op != "call_function" or part.target is not operator.getitem or len(users) != 1:
+            continue
+        module = node_module(gm, users[0])
+        act = activation_name(users[0].op, users[0].target, module)
+        if act is not None:
+            where = _join(path, str(users[0].target)) if module is not None else act
+            acts.append((where, users[0].meta.get("call_index", 0)))
+    return acts
+
+
+def _residual_role(conv_node: fx.Node, operand: fx.Node, add: fx.Node) -> Role:
     """``"shortcut"`` for a projection shortcut, ``"branch"`` for the residual branch's last conv.
 
     The shortcut's convolution reads the block input that the other operand of the sum was
@@ -414,23 +509,24 @@ def _feeds_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
 def _existing(module: nn.Module) -> str | None:
     if not is_dropblock(module):
         return None
-    return "ours" if getattr(module, "injected", False) else type(module).__name__
+    return "ours" if is_injected(module) else type(module).__name__
 
 
 def _accept(result: Analysis, chain: _Chain, act: str, call: int, root: nn.Module) -> None:
     val = chain.node.meta["val"]
-    feature = tuple(int(s) for s in val.shape[2:])
+    spatial_shape = val.shape[2:] if chain.channel_dim == 1 else val.shape[1:-1]
+    feature = tuple(int(s) for s in spatial_shape)
     if all(s == 1 for s in feature):
         result.rejected.append(Rejected(chain.conv_path, "1x1 feature map (a pooled gate or head)"))
         return
     spatial = result.input_spatial
     stride = max(1, round(spatial[0] / feature[0])) if spatial and feature and feature[0] else 1
     conv = chain.conv
-    kernel = conv.kernel_size if isinstance(conv.kernel_size, tuple) else (conv.kernel_size,)
-    dilation = int(conv.dilation[0]) if max(kernel) > 1 else None
+    pointwise = not is_conv(conv) or max(_tuple(conv.kernel_size)) == 1
+    dilation = None if pointwise else int(conv.dilation[0])
     existing = chain.existing
-    hooked = isinstance(getattr(root.get_submodule(chain.host), HOOK_ATTR, None), nn.Module)
-    if chain.kind == "hook" and existing is None and hooked:
+    if chain.kind == "hook" and existing is None and hosted_dropblock(root.get_submodule(chain.host)) is not None:
         existing = "ours"
-    fields = (chain.conv_path, chain.norm, act, chain.host, chain.kind, call, feature, int(val.shape[1]), stride)
-    result.candidates.append(Candidate(*fields, dilation, existing, role=chain.role))
+    channels = int(val.shape[chain.channel_dim])
+    fields = (chain.conv_path, chain.norm, act, chain.host, chain.kind, call, feature, channels, stride)
+    result.candidates.append(Candidate(*fields, dilation, existing, role=chain.role, channel_dim=chain.channel_dim))

@@ -18,6 +18,7 @@ from dropblock_inject.op.module import DropBlock
 
 __all__ = [
     "activation_name",
+    "is_channel_split",
     "is_conv",
     "is_fused_norm_act",
     "is_norm",
@@ -48,7 +49,8 @@ def is_norm(module: nn.Module) -> bool:
     """A per-channel or normalisation layer that may sit between a convolution and its activation."""
     if isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)):
         return True
-    return "norm" in type(module).__name__.lower() and not is_fused_norm_act(module) and not _has_conv(module)
+    named_like_one = "norm" in type(module).__name__.lower()
+    return named_like_one and not is_fused_norm_act(module) and not _has_conv(module) and not _has_linear(module)
 
 
 def is_fused_norm_act(module: nn.Module) -> bool:
@@ -116,8 +118,23 @@ def is_residual_merge(node_op: str, target: Any) -> bool:
     )
 
 
+def is_channel_split(node: Any, ndim: int, channel_dim: int) -> bool:
+    """``torch.split`` / ``chunk`` (function or method) of a map along its channel dimension."""
+    function = node.op == "call_function" and node.target in {torch.split, torch.chunk, torch.tensor_split}
+    method = node.op == "call_method" and node.target in {"split", "chunk", "tensor_split"}
+    if not (function or method):
+        return False
+    dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+    return isinstance(dim, int) and dim % ndim == channel_dim % ndim
+
+
 def _has_conv(module: nn.Module) -> bool:
     return any(is_conv(m) for m in module.modules())
+
+
+def _has_linear(module: nn.Module) -> bool:
+    """Holds a ``Linear`` (an MLP named after its norm, such as timm's ``GlobalResponseNormMlp``)."""
+    return any(isinstance(m, nn.Linear) for m in module.modules())
 
 
 def leaf_module_types() -> tuple[type[nn.Module], ...]:

@@ -18,7 +18,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from dropblock_inject.errors import NoSitesError, RecipeError
 from dropblock_inject.op.functional import _as_block_tuple
@@ -26,7 +26,7 @@ from dropblock_inject.op.geometry import block_geometry
 from dropblock_inject.pipeline.analyse import Analysis, Candidate
 from dropblock_inject.pipeline.rules import Rules, matches
 
-__all__ = ["Plan", "Site", "Stage", "make_plan"]
+__all__ = ["Plan", "Site", "Stage", "Status", "make_plan"]
 
 _OUT_OF_SCOPE = -1  # the stage of an included site outside the scope
 
@@ -40,37 +40,59 @@ class Stage(NamedTuple):
     candidates: int
 
 
+Status = Literal["new", "patched", "covered"]
+
+
 @dataclass
 class Site:
-    """One call site in a :class:`Plan`: where, at which stage, with which settings.
+    """One call site in a :class:`Plan`: the analysis's :class:`Candidate` and what the rules chose for it.
 
     ``status`` is ``"new"`` (inject adds a DropBlock), ``"patched"`` (ours is there already)
-    or ``"covered"`` (another library's DropBlock is there; left as it is). ``role`` is
-    ``"main"``, ``"branch"`` or ``"shortcut"`` (see :class:`~dropblock_inject.pipeline.analyse.Candidate`).
+    or ``"covered"`` (another library's DropBlock is there; left as it is). Where the site is
+    (``conv``, ``host``, ``feature``, ``role`` ...) is read from the candidate.
+
+    Attributes:
+        candidate: Where the site is, from the analysis.
+        stage: Its stage (-1: an included site outside the scope's stages).
+        dilation: The stage's dilation.
+        block_size: One side per spatial dimension, as the DropBlock gets it (clipped to the map
+            at run time).
+        gamma_scale: The rate's multiplier.
+        drop_prob: The target rate before ``gamma_scale``.
+        expected_drop: The expected fraction of dropped units at the full rate.
+        status: ``"new"``, ``"patched"`` or ``"covered"``.
     """
 
-    conv: str
-    norm: str | None
-    act: str
-    host: str
-    kind: str
-    call: int
+    candidate: Candidate
     stage: int
-    stride: int
-    feature: tuple[int, ...]
-    channels: int
     dilation: int
     block_size: tuple[int, ...]
     gamma_scale: float
     drop_prob: float
     expected_drop: float
-    status: str
-    role: str = "main"
+    status: Status
+
+    conv = property(lambda self: self.candidate.conv, doc="Path of the convolution (or channels-last Linear).")
+    norm = property(lambda self: self.candidate.norm, doc="Path of the last norm of the chain, or None.")
+    act = property(lambda self: self.candidate.act, doc="The activation: a module path or a function name.")
+    host = property(lambda self: self.candidate.host, doc="The module that gets (or is) the DropBlock.")
+    kind = property(lambda self: self.candidate.kind, doc='``"hook"``, ``"slot"`` or ``"fused"``.')
+    call = property(lambda self: self.candidate.call, doc="Which call of the activation module.")
+    stride = property(lambda self: self.candidate.stride, doc="Input size / feature size.")
+    feature = property(lambda self: self.candidate.feature, doc="Spatial size of the map.")
+    channels = property(lambda self: self.candidate.channels, doc="Channels of the map.")
+    role = property(lambda self: self.candidate.role, doc='``"main"``, ``"branch"`` or ``"shortcut"``.')
+    channel_dim = property(lambda self: self.candidate.channel_dim, doc="1 (N, C, H, W) or -1 (N, H, W, C).")
 
     @property
     def rate(self) -> float:
         """The target rate: ``drop_prob * gamma_scale``."""
         return self.drop_prob * self.gamma_scale
+
+    def to_dict(self) -> dict[str, Any]:
+        """The site as one flat, JSON-ready dict."""
+        where = {k: v for k, v in asdict(self.candidate).items() if k not in ("dilation", "existing", "order")}
+        return {**where, **{k: v for k, v in asdict(self).items() if k != "candidate"}}
 
 
 class Plan(Sequence[Site]):
@@ -114,7 +136,7 @@ class Plan(Sequence[Site]):
 
     def to_dicts(self) -> list[dict[str, Any]]:
         """One plain dict per site (JSON-ready)."""
-        return [asdict(s) for s in self._sites]
+        return [s.to_dict() for s in self._sites]
 
     def __repr__(self) -> str:
         return f"Plan(model={self.model}, sites={len(self)}, stages={sorted({s.stage for s in self})})"
@@ -213,12 +235,9 @@ def _site(cand: Candidate, stage: int, stages: list[Stage], chosen: set[int], ru
     block = _block_for(cand.feature, settings["block_size"], rules.block_fraction)
     geom = block_geometry(cand.feature, block, "valid")
     rate = min(settings["drop_prob"] * settings["gamma_scale"], 1.0)
-    status = "new" if cand.existing is None else ("patched" if cand.existing == "ours" else "covered")
+    status: Status = "new" if cand.existing is None else ("patched" if cand.existing == "ours" else "covered")
     return Site(
-        **{
-            k: getattr(cand, k)
-            for k in ("conv", "norm", "act", "host", "kind", "call", "stride", "feature", "channels")
-        },
+        cand,
         stage=stage,
         dilation=stages[stage].dilation if stage >= 0 else (cand.dilation or 1),
         block_size=block,
@@ -226,7 +245,6 @@ def _site(cand: Candidate, stage: int, stages: list[Stage], chosen: set[int], ru
         drop_prob=settings["drop_prob"],
         expected_drop=geom.expected_drop(geom.seed_rate(rate, rules.gamma)),
         status=status,
-        role=cand.role,
     )
 
 

@@ -15,24 +15,14 @@ model keep the hooks (the hook is a module-level function).
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
 from torch import nn
 
 from dropblock_inject.errors import VerificationError
 from dropblock_inject.op.module import DropBlock
-from dropblock_inject.pipeline.analyse import HOOK_ATTR
+from dropblock_inject.pipeline.markers import HOSTED_ATTR, REPLACED_ATTR, dropblock_hook, injected_modules
 from dropblock_inject.pipeline.plan import Plan, Site
 
-__all__ = ["apply_plan", "dropblock_hook", "injected_modules", "strip_model"]
-
-_REPLACED = "_dropblock_replaced"  # the slot module a DropBlock stands in for, restored by strip
-
-
-def dropblock_hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-    """Forward hook: pass the module's output through its ``dropblock`` child."""
-    return getattr(module, HOOK_ATTR)(output)
+__all__ = ["apply_plan", "injected_modules", "strip_model"]
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> list[DropBlock]:
@@ -62,9 +52,8 @@ def _make_dropblock(site: Site, plan: Plan) -> DropBlock:
     # (a hook's return value replaces it for every reader; a slot or fused ``drop`` is reassigned),
     # and neither backward reads that output, so nothing sees the undropped values. It saves an
     # activation-sized allocation per site.
-    block = site.block_size if len(set(site.block_size)) > 1 else site.block_size[0]
-    db = DropBlock(site.drop_prob, block, gamma_scale=site.gamma_scale, shared_channels=plan.shared_channels,
-                   gamma=plan.gamma, inplace=True)  # fmt: skip
+    db = DropBlock(site.drop_prob, site.block_size, gamma_scale=site.gamma_scale, shared_channels=plan.shared_channels,
+                   gamma=plan.gamma, inplace=True, channel_dim=site.channel_dim)  # fmt: skip
     db.injected = True
     return db
 
@@ -73,21 +62,19 @@ def _insert(model: nn.Module, site: Site, plan: Plan) -> DropBlock:
     db = _make_dropblock(site, plan)
     if site.kind == "hook":
         host = model.get_submodule(site.host)
-        if hasattr(host, HOOK_ATTR):
-            raise VerificationError(f"{site.host} already has an attribute {HOOK_ATTR!r}; cannot hook it")
-        host.add_module(HOOK_ATTR, db)
+        if hasattr(host, HOSTED_ATTR):
+            raise VerificationError(f"{site.host} already has an attribute {HOSTED_ATTR!r}; cannot hook it")
+        db.train(host.training)  # a model patched in eval mode stays an identity until train()
+        host.add_module(HOSTED_ATTR, db)
         host.register_forward_hook(dropblock_hook)
         return db
     parent_path, _, name = site.host.rpartition(".") if site.kind == "slot" else (site.host, "", "drop")
     parent = model.get_submodule(parent_path) if parent_path else model
-    object.__setattr__(db, _REPLACED, getattr(parent, name))
+    replaced = getattr(parent, name)
+    db.train(replaced.training)
+    object.__setattr__(db, REPLACED_ATTR, replaced)
     setattr(parent, name, db)
     return db
-
-
-def injected_modules(model: nn.Module) -> list[DropBlock]:
-    """The DropBlocks ``inject`` put into ``model`` (not ones the user placed)."""
-    return [m for m in model.modules() if isinstance(m, DropBlock) and getattr(m, "injected", False)]
 
 
 def strip_model(model: nn.Module, only: list[DropBlock] | None = None) -> int:
@@ -98,10 +85,10 @@ def strip_model(model: nn.Module, only: list[DropBlock] | None = None) -> int:
         for name, child in list(module.named_children()):
             if id(child) not in targets:
                 continue
-            if name == HOOK_ATTR and _remove_hook(module):
+            if name == HOSTED_ATTR and _remove_hook(module):
                 delattr(module, name)
             else:
-                setattr(module, name, child.__dict__.get(_REPLACED) or nn.Identity())
+                setattr(module, name, child.__dict__.get(REPLACED_ATTR) or nn.Identity())
             removed += 1
     return removed
 
