@@ -88,7 +88,9 @@ def _scope(model: nn.Module, scope: str) -> str:
     return scope
 
 
-def inject(model: nn.Module, recipe: Recipe | Rules | str | Path | None = None, **overrides: Any) -> nn.Module:
+def inject(
+    model: nn.Module, recipe: Plan | Recipe | Rules | str | Path | None = None, **overrides: Any
+) -> nn.Module:
     """Insert DropBlock before the activations of the deep stages of ``model``, in place.
 
     The model keeps its class, methods, attributes, ``state_dict`` keys and Parameter objects;
@@ -98,8 +100,10 @@ def inject(model: nn.Module, recipe: Recipe | Rules | str | Path | None = None, 
 
     Args:
         model: The model to patch.
-        recipe: The rules (see :func:`plan`).
-        **overrides: The keyword arguments of :func:`plan`.
+        recipe: The rules (see :func:`plan`), or a :class:`~dropblock_inject.pipeline.plan.Plan`
+            that :func:`plan` made for this model: its sites are applied as they are, without
+            analysing the model again (print it first, patch exactly what was printed).
+        **overrides: The keyword arguments of :func:`plan` (not with a ``Plan``).
 
     Returns:
         The same ``model`` object.
@@ -107,16 +111,40 @@ def inject(model: nn.Module, recipe: Recipe | Rules | str | Path | None = None, 
     Raises:
         NoSitesError: No site (the model is unchanged).
         VerificationError: A check after the rewrite failed (the model was restored).
+        TypeError: ``overrides`` given with a ``Plan``.
+        DropBlockInjectError: The ``Plan`` was made for another model.
 
     Example:
         >>> import torchvision
         >>> m = inject(torchvision.models.resnet18(), drop_prob=0.1)
         >>> type(m.layer4[0].bn1.dropblock).__name__
         'DropBlock'
+        >>> m2 = torchvision.models.resnet18()
+        >>> p = plan(m2, drop_prob=0.1)
+        >>> inject(m2, p) is m2
+        True
     """
-    chosen = plan(model, recipe, **overrides)
+    if isinstance(recipe, Plan):
+        if overrides:
+            raise TypeError(f"inject(model, plan) applies the plan as it is; got overrides {sorted(overrides)}: "
+                            f"pass them to plan() instead")  # fmt: skip
+        _check_plan_fits(model, recipe)
+        chosen = recipe
+    else:
+        chosen = plan(model, recipe, **overrides)
     apply_plan(model, chosen)
     return model
+
+
+def _check_plan_fits(model: nn.Module, chosen: Plan) -> None:
+    names = {name for name, _ in model.named_modules()}
+    missing = sorted({s.host for s in chosen if s.status == "new" and s.host not in names})
+    if chosen.model != type(model).__name__ or missing:
+        raise DropBlockInjectError(
+            f"this plan was made for a {chosen.model}, not for this {type(model).__name__}"
+            + (f" (it has no {missing[:3]})" if missing else "")
+            + ": call plan() on the model you inject"
+        )
 
 
 def strip(model: nn.Module) -> nn.Module:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from dropblock_inject.api import plan, strip
+from dropblock_inject.api import inject, plan, strip
 from dropblock_inject.data import Splits, load_splits
 from dropblock_inject.finetune_checkpoints import (
     CheckpointError,
@@ -59,7 +59,6 @@ from dropblock_inject.finetune_report import (
 )
 from dropblock_inject.models import create_model
 from dropblock_inject.pipeline.plan import Plan
-from dropblock_inject.pipeline.rewrite import apply_plan
 from dropblock_inject.recipe import load_recipe, recipe_for
 from dropblock_inject.schedule import DropBlockSchedule
 
@@ -188,7 +187,7 @@ def _inject(setup: _Setup, model: nn.Module) -> list[dict[str, Any]]:
     chosen = plan_for(setup.config, model)
     if setup.main:
         setup.reporter.message(str(chosen))
-    apply_plan(model, chosen)  # what inject does, without tracing and analysing the model again
+    inject(model, chosen)  # the printed plan, applied as it is (no second analysis)
     return chosen.to_dicts()
 
 

@@ -96,6 +96,16 @@ class TestPlan:
         assert by_norm["stage3.1.bn1"].drop_prob == 0.3  # exact beats pattern
         assert by_norm["stage2.0.bn1"].drop_prob == 0.2  # global
 
+    def test_block_fraction_is_the_global_block_and_stage_and_pattern_sizes_beat_it(self) -> None:
+        p = dbi.plan(Net(), input_size=(3, 64, 64), stages=3, block_fraction=0.5,
+                     stage_block_size={-2: 1}, overrides={"stage3.1.*": {"block_size": (3, 1)}})  # fmt: skip
+        assert {s.host: s.block_size for s in p} == {
+            "stem.1": (17, 17), "stage1.0.bn1": (17, 17),  # global: the odd side nearest half of 32
+            "stage2.0.bn1": (1, 1), "stage2.1.bn1": (1, 1),  # stage beats the fraction
+            "stage3.0.bn1": (5, 5),  # global again: the odd side nearest half of 8
+            "stage3.1.bn1": (3, 1),  # pattern beats the fraction
+        }  # fmt: skip
+
     def test_stage_indices_and_include(self) -> None:
         p = dbi.plan(Net(), input_size=(3, 64, 64), stages=[0], include=["stage3.1.*"])
         assert {s.norm for s in p} == {"stem.1", "stage1.0.bn1", "stage3.1.bn1"}
@@ -337,3 +347,23 @@ def test_compiled_patched_model_takes_a_smaller_last_batch() -> None:
     for batch in (4, 3, 4, 3, 2):
         compiled(torch.randn(batch, 3, 64, 64)).sum().backward()
     assert counter.frame_count == 2
+
+
+class TestInjectAPlan:
+    def test_the_printed_plan_is_what_gets_patched(self) -> None:
+        model = Net()
+        p = dbi.plan(model, input_size=(3, 64, 64), stages=[-1])
+        assert dbi.inject(model, p) is model
+        assert sorted(s.host for s in dbi.plan(model, input_size=(3, 64, 64), stages=[-1])) == sorted(
+            s.host for s in p
+        )
+        assert {s.status for s in dbi.plan(model, input_size=(3, 64, 64), stages=[-1])} == {"patched"}
+
+    def test_a_plan_with_overrides_or_for_another_model_is_refused(self) -> None:
+        p = dbi.plan(Net(), input_size=(3, 64, 64))
+        with pytest.raises(TypeError, match="pass them to plan"):
+            dbi.inject(Net(), p, drop_prob=0.3)
+        other = torchvision.models.resnet18()
+        with pytest.raises(dbi.DropBlockInjectError, match="made for a Net, not for this ResNet"):
+            dbi.inject(other, p)
+        assert not injected_modules(other)

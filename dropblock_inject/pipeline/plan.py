@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal, NamedTuple
 
 from dropblock_inject.errors import NoSitesError, RecipeError
-from dropblock_inject.op.functional import _as_block_tuple
 from dropblock_inject.op.geometry import block_geometry
 from dropblock_inject.pipeline.analyse import Analysis, Candidate
 from dropblock_inject.pipeline.rules import Rules, matches
@@ -231,8 +230,8 @@ def _site(cand: Candidate, stage: int, stages: list[Stage], chosen: set[int], ru
         return None
     if stage not in chosen and not matches(paths, rules.include + rules.modules):
         return None
-    settings = rules.settings_for(paths, stage, len(stages))
-    block = _block_for(cand.feature, settings["block_size"], rules.block_fraction)
+    settings = rules.settings_for(paths, stage, len(stages), cand.feature)
+    block = settings["block_size"]
     geom = block_geometry(cand.feature, block, "valid")
     rate = min(settings["drop_prob"] * settings["gamma_scale"], 1.0)
     status: Status = "new" if cand.existing is None else ("patched" if cand.existing == "ours" else "covered")
@@ -246,15 +245,6 @@ def _site(cand: Candidate, stage: int, stages: list[Stage], chosen: set[int], ru
         expected_drop=geom.expected_drop(geom.seed_rate(rate, rules.gamma)),
         status=status,
     )
-
-
-def _block_for(feature: tuple[int, ...], block_size: Any, fraction: float | None) -> tuple[int, ...]:
-    if fraction is not None:
-        side = min(feature)
-        odd = 2 * math.floor((fraction * side - 1) / 2 + 0.5) + 1  # the odd number nearest fraction * side
-        return (max(1, min(odd, side if side % 2 else side - 1)),) * len(feature)
-    block = _as_block_tuple(block_size)
-    return block * len(feature) if len(block) == 1 else block
 
 
 def _whole_hosts(sites: list[Site], candidates: list[Candidate]) -> list[Site]:

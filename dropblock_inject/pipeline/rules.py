@@ -8,11 +8,12 @@ module-name pattern < exact module name, and exclusions win over everything. Pat
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from dropblock_inject.errors import RecipeError
-from dropblock_inject.op.functional import validate_args
+from dropblock_inject.op.functional import _as_block_tuple, validate_args
 
 __all__ = ["SITE_SETTINGS", "Rules"]
 
@@ -33,8 +34,9 @@ class Rules:
         strides: Select the stages at these output strides (e.g. ``[16, 32]``).
         modules: Select sites by module-path pattern instead of by stage.
         block_size: Block size for every site, clipped to each feature map.
-        block_fraction: When set, the block side is this fraction of the feature map's smaller
-            side, rounded to the nearest odd number (at least 1); beats ``block_size``.
+        block_fraction: When set, the global block side is this fraction of each feature map's
+            smaller side, rounded to the nearest odd number (at least 1), in place of
+            ``block_size``; stage and module-path block sizes still beat it.
         stage_gamma_scale: Rate scale per stage index (negative: from the end).
         stage_block_size: Block size per stage index (negative: from the end).
         gamma: ``"paper"`` or ``"calibrated"``.
@@ -152,9 +154,15 @@ class Rules:
             )
         return chosen
 
-    def settings_for(self, paths: list[str], stage: int, n_stages: int) -> dict[str, Any]:
-        """drop_prob, block_size and gamma_scale of a site: global < stage < pattern < exact name."""
-        settings: dict[str, Any] = {"drop_prob": self.drop_prob, "block_size": self.block_size, "gamma_scale": 1.0}
+    def settings_for(self, paths: list[str], stage: int, n_stages: int, feature: tuple[int, ...]) -> dict[str, Any]:
+        """``drop_prob``, ``block_size`` and ``gamma_scale`` of a site whose map is ``feature``.
+
+        One order, the later winning: global (``block_size``, or ``block_fraction`` of the map when
+        set) < stage (``stage_gamma_scale``, ``stage_block_size``) < module-path pattern < exact
+        module path. ``block_size`` comes back with one side per spatial dimension.
+        """
+        block = self.block_size if self.block_fraction is None else _fraction_block(feature, self.block_fraction)
+        settings: dict[str, Any] = {"drop_prob": self.drop_prob, "block_size": block, "gamma_scale": 1.0}
         if stage >= 0:
             for key, table in (("gamma_scale", self.stage_gamma_scale), ("block_size", self.stage_block_size)):
                 for s, value in table.items():
@@ -166,7 +174,16 @@ class Rules:
                 settings.update(values)
         for values in exact.values():
             settings.update(values)
+        sides = _as_block_tuple(settings["block_size"])
+        settings["block_size"] = sides * len(feature) if len(sides) == 1 else sides
         return settings
+
+
+def _fraction_block(feature: tuple[int, ...], fraction: float) -> int:
+    """The odd number nearest ``fraction`` of the map's smaller side, at least 1, at most that side."""
+    side = min(feature)
+    odd = 2 * math.floor((fraction * side - 1) / 2 + 0.5) + 1
+    return max(1, min(odd, side if side % 2 else side - 1))
 
 
 def matches(paths: list[str], patterns: list[str]) -> bool:
