@@ -1,17 +1,19 @@
-"""Benchmarks: ``python -m dropblock_inject.bench op`` (also ``dropblock-inject bench op``).
+"""Benchmarks behind ``dropblock-inject bench op|host|inject|step`` (the command line is
+:mod:`dropblock_inject.cli`, which imports this module; this module never imports it).
 
-Every candidate runs interleaved with the others in one process, and each op's time is reported
-as a ratio to the floor, an out-of-place elementwise multiply of the same tensor, timed right
-before it in every turn: machine noise moves numerator and denominator together.
+Every candidate runs interleaved with the others in one process, and each time is reported as a
+ratio to a baseline timed right before it in every turn (the op's floor is an out-of-place
+elementwise multiply of the same tensor): machine noise moves numerator and denominator together.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -22,11 +24,13 @@ from dropblock_inject.op.geometry import block_geometry
 
 __all__ = [
     "OP_SHAPES",
+    "bench_host",
     "bench_inject",
     "bench_op",
     "bench_step",
     "op_share",
     "step_memory",
+    "stubbed_launches",
     "time_interleaved",
     "time_paired",
 ]
@@ -223,6 +227,91 @@ def bench_op(
             speedups = ", ".join(f"{timed[n][1] / ours:.1f}x vs {n}" for n in anchors)
             print_fn(f"  ours per-channel is {speedups}")
     return rows
+
+
+HOST_CALLS_PER_SAMPLE = 100  # bench_host: calls per timed sample
+
+
+def bench_host(
+    shapes: Sequence[tuple[tuple[int, ...], int]] = OP_SHAPES,
+    *,
+    drop_prob: float = 0.1,
+    repeats: int = 7,
+    number: int = HOST_CALLS_PER_SAMPLE,
+    print_fn: Callable[[str], None] = print,
+) -> list[dict[str, object]]:
+    """CPU microseconds per eager forward call of ``DropBlock`` on the fused (CUDA) path, with the
+    kernel launches stubbed out: the host cost of each site in each training forward, measurable
+    without a GPU. Prints one block per shape.
+
+    A call runs everything a CUDA call runs on the host: the module's forward, ``drop_block_eager``,
+    ``fused_drop_block`` (the Philox seed, the pooled count), the autograd Function, the cached
+    launch plan and the words' and output's allocations, on a CPU tensor of the shape that
+    requires grad (as in training), inside :func:`stubbed_launches`. Each time is paired with a
+    trivial baseline, one ATen op on a 1-element tensor, timed right before it in every turn.
+
+    Returns:
+        One row per (shape, candidate): ``shape``, ``block``, ``name``, ``us``, ``ratio`` and
+        ``launches`` (the kernel launches one call asks for).
+    """
+    from dropblock_inject.op.module import DropBlock
+
+    one = torch.ones(1)
+    print_fn(
+        f"bench host: cpu us per eager forward call of DropBlock's fused path (module -> drop_block_eager -> "
+        f"fused_drop_block -> launch), kernel launches stubbed, input requires grad, p={drop_prob}, "
+        f"median of {repeats} interleaved turns of {number} calls, ratio = median of time / time(baseline timed "
+        f"just before), baseline = one op on a 1-element tensor"
+    )
+    rows: list[dict[str, object]] = []
+    with stubbed_launches() as launches:
+        for shape, block in shapes:
+            x = torch.randn(shape, requires_grad=True)
+            fns: dict[str, Callable[[], object]] = {"baseline t*2": lambda: one * 2.0}
+            for name, shared in (("per-channel", False), ("shared", True)):
+                fns[name] = functools.partial(DropBlock(drop_prob, block, shared_channels=shared), x)
+            calls = {}
+            for name, fn in fns.items():
+                launches.clear()
+                fn()
+                calls[name] = len(launches)
+            timed = time_paired(fns, lambda name: "baseline t*2", repeats, number)
+            print_fn(f"{tuple(shape)} block {block}:")
+            for name, (t, ratio) in timed.items():
+                rows.append({"shape": tuple(shape), "block": block, "name": name, "us": t * 1e6, "ratio": ratio,
+                             "launches": calls[name]})  # fmt: skip
+                launched = f"  {calls[name]} launches stubbed" if calls[name] else ""
+                print_fn(f"  {name:<22} {t * 1e6:8.1f} us  {ratio:7.2f}x baseline{launched}")
+    return rows
+
+
+@contextlib.contextmanager
+def stubbed_launches() -> Iterator[list[str]]:
+    """Run the fused (CUDA) path of the eager op on CPU tensors, with its kernel launches stubbed out.
+
+    For the duration, the eager op takes the fused path for CPU tensors wherever it would take it
+    for CUDA ones (Triton need not be installed), and ``_Launch._launch`` records the kernel's
+    name in the yielded list instead of launching it: everything else, allocations included, runs.
+    The output is then uninitialised memory: for timing the host only.
+    """
+    from unittest import mock
+
+    from dropblock_inject.op import functional, fused
+
+    eligible = fused.fused_eligible
+    launches: list[str] = []
+
+    def eligible_here(x: torch.Tensor, geom: object, shared: bool) -> bool:
+        return eligible(x, geom, shared, device_type=x.device.type)
+
+    def record(self: object, name: str, *args: object) -> None:
+        launches.append(name)
+
+    with contextlib.ExitStack() as patches:
+        patches.enter_context(mock.patch.object(fused, "triton_available", lambda: True))
+        patches.enter_context(mock.patch.object(functional, "fused_eligible", eligible_here))
+        patches.enter_context(mock.patch.object(fused._Launch, "_launch", record))
+        yield launches
 
 
 def bench_inject(
@@ -489,11 +578,3 @@ def _loss(out: object) -> torch.Tensor:
         return out.float().square().mean()
     parts = out.values() if isinstance(out, dict) else out
     return sum((_loss(o) for o in parts if isinstance(o, (torch.Tensor, dict, list, tuple))), torch.zeros(()))
-
-
-if __name__ == "__main__":  # python -m dropblock_inject.bench op
-    import sys
-
-    from dropblock_inject.cli import main
-
-    raise SystemExit(main(["bench", *sys.argv[1:]]))

@@ -2,6 +2,7 @@
 
 Subcommands:
     bench op        time the DropBlock op against an elementwise multiply, timm and torchvision.
+    bench host      CPU time per eager call of the fused (CUDA) dispatch path, kernel launches stubbed.
     bench inject    time plan() and inject() on fresh models.
     bench step      training-step and eval time, patched vs unpatched (and timm's own DropBlock).
     viz             sample masks of each patched stage and the schedule curve, as a PNG.
@@ -42,6 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     op.add_argument("--fresh-heap", action="store_true", help=_FRESH_HEAP_HELP)
     op.set_defaults(func=_run_bench_op)
+    host = bench_sub.add_parser("host", help="CPU us per eager call of the fused (CUDA) path, launches stubbed")
+    host.add_argument("--repeats", type=_positive_int, default=7, help="interleaved turns per candidate (default 7)")
+    host.add_argument("--number", type=_positive_int, default=100, help="calls per timed sample (default 100)")
+    host.add_argument("--drop-prob", type=float, default=0.1, help="drop probability (default 0.1)")
+    host.add_argument(
+        "--shape", type=_positive_int, nargs="+", default=None, metavar="N",
+        help="one input shape N C H W (or N C D H W) instead of the three defaults",
+    )  # fmt: skip
+    host.add_argument("--block", type=_positive_int, default=7, help="block size with --shape (default 7)")
+    host.add_argument("--fresh-heap", action="store_true", help=_FRESH_HEAP_HELP)
+    host.set_defaults(func=_run_bench_host)
     inj = bench_sub.add_parser("inject", help="time plan() and inject() on fresh models")
     inj.add_argument(
         "models",
@@ -136,16 +148,34 @@ def _positive_int(text: str) -> int:
 def _run_bench_op(args: argparse.Namespace) -> int:
     import torch
 
-    from dropblock_inject.bench import OP_SHAPES, bench_op
+    from dropblock_inject.bench import bench_op
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.shape is not None and len(args.shape) not in (4, 5):
-        raise SystemExit(f"bench op: --shape takes 4 or 5 sizes (N C H W or N C D H W), got {args.shape}")
-    shapes = [(tuple(args.shape), args.block)] if args.shape else OP_SHAPES
+    shapes = _bench_shapes(args, "op")
     _heap_for(args)
     bench_op(shapes, drop_prob=args.drop_prob, repeats=args.repeats, compiled=args.compile, device=args.device)
     return 0
+
+
+def _run_bench_host(args: argparse.Namespace) -> int:
+    from dropblock_inject.bench import bench_host
+
+    shapes = _bench_shapes(args, "host")
+    _heap_for(args)
+    bench_host(shapes, drop_prob=args.drop_prob, repeats=args.repeats, number=args.number)
+    return 0
+
+
+def _bench_shapes(args: argparse.Namespace, what: str) -> list[tuple[tuple[int, ...], int]]:
+    """``--shape`` with ``--block``, else the default shapes of ``bench op``."""
+    from dropblock_inject.bench import OP_SHAPES
+
+    if args.shape is None:
+        return list(OP_SHAPES)
+    if len(args.shape) not in (4, 5):
+        raise SystemExit(f"bench {what}: --shape takes 4 or 5 sizes (N C H W or N C D H W), got {args.shape}")
+    return [(tuple(args.shape), args.block)]
 
 
 def _add_plan_parser(sub: argparse._SubParsersAction) -> None:

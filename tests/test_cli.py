@@ -6,10 +6,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from dropblock_inject import __version__, drop_block
 from dropblock_inject.bench import bench_op
 from dropblock_inject.cli import main
+from dropblock_inject.op.geometry import block_geometry
 
 
 class TestCli:
@@ -91,6 +93,47 @@ class TestBench:
     def test_bench_op_shape_must_have_4_or_5_sizes(self) -> None:
         with pytest.raises(SystemExit, match="--shape takes 4 or 5 sizes"):
             main(["bench", "op", "--shape", "2", "8", "14"])
+        with pytest.raises(SystemExit, match="bench host: --shape takes 4 or 5 sizes"):
+            main(["bench", "host", "--shape", "2", "8", "14"])
+
+    def test_bench_host_times_the_fused_dispatch_with_launches_stubbed(self) -> None:
+        from dropblock_inject.bench import bench_host
+        from dropblock_inject.op import functional, fused
+
+        eligible, launch = functional.fused_eligible, fused._Launch._launch
+        lines: list[str] = []
+        rows = bench_host([((2, 8, 14, 14), 7)], repeats=1, number=2, print_fn=lines.append)
+        assert [r["name"] for r in rows] == ["baseline t*2", "per-channel", "shared"]
+        # the whole CUDA path ran on the host: the seed and the apply kernel, per call
+        assert [r["launches"] for r in rows] == [0, 2, 2]
+        assert rows[0]["ratio"] == 1.0 and all(r["us"] > 0 for r in rows)
+        assert any(line.strip().startswith("per-channel") and "x baseline" in line for line in lines)
+        # the stubs are gone afterwards: a CPU tensor takes the ATen path again
+        assert functional.fused_eligible is eligible and fused._Launch._launch is launch
+        assert not functional.fused_eligible(torch.randn(2, 8, 14, 14), block_geometry((14, 14), (7, 7)), False)
+
+    def test_bench_host_command(self, monkeypatch) -> None:
+        from dropblock_inject import bench
+
+        seen: list[tuple] = []
+        monkeypatch.setattr(bench, "bench_host", lambda shapes, **kw: seen.append((shapes, kw)))
+        assert main(["bench", "host", "--shape", "2", "8", "7", "7", "--block", "3", "--number", "5"]) == 0
+        assert seen == [([((2, 8, 7, 7), 3)], {"drop_prob": 0.1, "repeats": 7, "number": 5})]
+
+    def test_the_benchmarks_never_import_the_command_line(self) -> None:
+        # the dependency goes one way, cli -> bench
+        import ast
+        from pathlib import Path
+
+        from dropblock_inject import bench
+
+        tree = ast.parse(Path(bench.__file__).read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not {m for m in imported if m == "dropblock_inject.cli" or m.startswith("dropblock_inject.cli.")}
+        code = "import sys, dropblock_inject.bench; print('dropblock_inject.cli' in sys.modules)"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        assert out.strip() == "False"
 
     def test_detection_backbone_names(self) -> None:
         from dropblock_inject.errors import DropBlockInjectError

@@ -14,7 +14,13 @@ import torch.nn.functional as F
 
 from conftest import drop_fraction, is_union_of_blocks
 from dropblock_inject import drop_block
-from dropblock_inject.op.functional import _count_dropped, _count_without_map, _new_dropped_map, drop_block_traceable
+from dropblock_inject.op.functional import (
+    _count_by_planes,
+    _count_dropped,
+    _count_without_map,
+    _new_dropped_map,
+    drop_block_traceable,
+)
 from dropblock_inject.op.geometry import block_geometry, max_seeds
 from dropblock_inject.op.layout import contiguous_strides, rescale
 from dropblock_inject.op.sampling import GEOMETRIC_MAX_DRAWS, block_rows, fill_rows, sample_seed_gaps, seed_positions
@@ -30,6 +36,10 @@ from dropblock_inject.op.traceable import (
 # The chi-square (9 degrees of freedom) exceeded with the probability of a normal beyond 4 sd,
 # 3.2e-5 (scipy.stats.chi2.isf(norm.sf(4), 9)); the 99.9 % quantile, 27.9, is only 3.1 sd.
 CHI2_9_DOF_4_SD = 36.5
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
 
 
 def mean_fraction(shape, block, draws, **kw) -> float:
@@ -187,9 +197,17 @@ class TestMaskStructure:
         assert d.any()
         assert torch.equal(d, d[:, :1].expand_as(d))
 
-    def test_rescale_preserves_the_mean_exactly(self) -> None:
+    @pytest.mark.parametrize(
+        ("shape", "block", "p"),
+        [
+            ((8, 32, 14, 14), 5, 0.2),  # per channel: counted with a map
+            ((16, 64, 14, 14), 7, 0.1),  # per channel: about 0.4 seeds per plane, counted plane by plane
+            ((32, 64, 7, 7), 3, 0.1),  # the rows path of the 7x7 maps of a ResNet's last stage
+        ],
+    )
+    def test_rescale_preserves_the_mean_exactly(self, shape, block, p) -> None:
         for shared in (False, True):
-            out = drop_block(torch.ones(8, 32, 14, 14), 0.2, 5, shared_channels=shared)
+            out = drop_block(torch.ones(shape), p, block, shared_channels=shared)
             assert out.double().mean().item() == pytest.approx(1.0, abs=1e-5)
             kept = out[out != 0]
             assert torch.allclose(kept, kept[0].expand_as(kept))
@@ -317,6 +335,15 @@ class TestEagerIndices:
         rows, width = block_rows(pos, geom, batch, strides)
         assert width == block[-1] and rows.shape == (40, math.prod(block[:-1]))
         assert set(rows.reshape(-1).tolist()) == self.naive_rows(pos, geom, batch, strides)
+        # the float64 positions of the sampler give the very same rows (exact integer arithmetic)
+        assert torch.equal(block_rows(pos.to(torch.float64), geom, batch, strides)[0], rows)
+
+    def test_float64_seed_positions_are_the_int64_ones(self) -> None:
+        for num_pos, gamma in ((5000, 0.01), (2_000_000, 0.02)):  # the geometric and the vectorised sampler
+            draws, cpu = max_seeds(num_pos, gamma), torch.device("cpu")
+            a = seed_positions(num_pos, draws, gamma, device=cpu, generator=seeded(4))
+            b = seed_positions(num_pos, draws, gamma, device=cpu, generator=seeded(4), dtype=torch.float64)
+            assert a.dtype == torch.int64 and b.dtype == torch.float64 and torch.equal(a, b.to(torch.int64))
 
     @pytest.mark.parametrize(
         ("shape", "block", "rate"),
@@ -343,6 +370,29 @@ class TestEagerIndices:
             fill_rows(dropped, rows, width, 1, True)
             assert _count_without_map(rows, width, geom, x, numel * 128) == int(_count_dropped(dropped))
 
+    @pytest.mark.parametrize(
+        ("shape", "block", "rate"),
+        [
+            ((16, 64, 14, 14), (7, 7), 0.1),  # about 0.4 seeds per plane: most planes hold one
+            ((16, 64, 14, 14), (7, 7), 0.5),  # several per plane: the map of those planes counts most
+            ((8, 64, 9, 11), (3, 4), 0.3),
+            ((4, 8, 5, 6, 7), (2, 3, 3), 0.3),
+        ],
+    )
+    @pytest.mark.parametrize("dtype", [torch.int64, torch.float64])
+    def test_count_by_planes_equals_the_map(self, shape, block, rate, dtype) -> None:
+        x = torch.empty(shape)
+        geom = block_geometry(shape[2:], block)
+        gamma = geom.paper_gamma(rate)
+        num_pos = shape[0] * shape[1] * math.prod(geom.seed_grid)
+        for _ in range(10):
+            pos = seed_positions(num_pos, max_seeds(num_pos, gamma), gamma, device=x.device, dtype=dtype)
+            rows, width = block_rows(pos, geom, shape[:2], x.stride())
+            dropped = _new_dropped_map(x.numel(), x.device)
+            fill_rows(dropped, rows, width, 1, True)
+            assert _count_by_planes(pos.clone(), geom) == int(_count_dropped(dropped))
+        assert _count_by_planes(torch.zeros(0, dtype=dtype), geom) == 0
+
     def test_count_without_a_map_declines_dense_rows_other_layouts_and_the_full_region(self) -> None:
         x = torch.empty(4, 8, 14, 14)
         geom = block_geometry((14, 14), (7, 7))
@@ -362,6 +412,112 @@ def _block_row_offsets(block: tuple[int, ...]) -> list[tuple[int, ...]]:
     for k in block:
         offsets = [(*o, i) for o in offsets for i in range(k)]
     return offsets
+
+
+def dense_reference(x: torch.Tensor, rate: float, block: tuple[int, ...], shared: bool, region: str, seed: int):
+    """What ``_drop_dense`` must give for generator ``seed``: its draws, Bernoulli seeds on the seed
+    grid, blocks dilated by a max-pool (centred and truncated for ``region="full"``), the rescale."""
+    geom = block_geometry(tuple(x.shape[2:]), block, region)
+    batch = (x.shape[0], 1 if shared else x.shape[1])
+    draws = torch.rand((batch[0] * batch[1], math.prod(geom.seed_grid)), dtype=torch.float64, generator=seeded(seed))
+    seeds = (draws < geom.paper_gamma(rate)).to(torch.float32).view(batch[0] * batch[1], 1, *geom.seed_grid)
+    pad = []
+    for size, k, st, g in zip(*(reversed(v) for v in (geom.spatial, geom.block, geom.block_start, geom.seed_grid))):
+        pad += [k - 1 + st, size + k - 1 - g - (k - 1 + st)]  # then each unit's window holds its seeds
+    pool = F.max_pool2d if x.dim() == 4 else F.max_pool3d
+    dropped = pool(F.pad(seeds, pad), geom.block, stride=1).view(*batch, *x.shape[2:]) > 0
+    scale = dropped.numel() / (dropped.numel() - int(dropped.sum()))
+    if shared:
+        return x * (~dropped).to(x.dtype).mul_(scale)
+    return (x * scale).masked_fill_(dropped, 0)
+
+
+class TestDensePath:
+    """Small seed grids draw every seed position and build a dense mask with a few small ops."""
+
+    @pytest.mark.parametrize(
+        ("shape", "block", "region"),
+        [
+            ((2, 8, 14, 14), (7, 7), "valid"),
+            ((2, 8, 14, 14), (7, 7), "full"),
+            ((3, 4, 9, 11), (4, 2), "valid"),  # even and rectangular blocks, a non-square map
+            ((3, 4, 9, 11), (4, 2), "full"),
+            ((2, 3, 5, 6, 7), (2, 3, 4), "valid"),
+            ((2, 3, 5, 6, 7), (3, 3, 3), "full"),
+            ((2, 4, 5, 6), (9, 3), "valid"),  # a block taller than the map: clipped
+        ],
+    )
+    @pytest.mark.parametrize("shared", [False, True])
+    def test_it_is_the_paper_written_naively(self, shape, block, region, shared) -> None:
+        x = torch.randn(shape)
+        for seed in range(5):
+            out = drop_block(x, 0.3, block, shared_channels=shared, seed_region=region, generator=seeded(seed))
+            assert torch.equal(out, dense_reference(x, 0.3, block, shared, region, seed))
+
+    @pytest.mark.parametrize("shared", [False, True])
+    def test_gradient_and_inplace(self, shared) -> None:
+        x = torch.randn(2, 8, 14, 14, requires_grad=True)
+        out = drop_block(x, 0.3, 5, shared_channels=shared, generator=seeded(1))
+        g = torch.randn_like(out)
+        out.backward(g)
+        ones = drop_block(torch.ones(2, 8, 14, 14), 0.3, 5, shared_channels=shared, generator=seeded(1))
+        assert torch.equal(x.grad, g * ones)  # the same factor, rounded once
+        h = x.detach().clone()
+        assert drop_block(h, 0.3, 5, shared_channels=shared, inplace=True, generator=seeded(1)) is h
+        assert torch.equal(h, out.detach())
+
+    def test_large_inputs_take_the_rows_path_with_the_same_distribution(self, monkeypatch) -> None:
+        from dropblock_inject.op import functional
+
+        x = torch.ones(8, 32, 14, 14)
+        dense = [drop_fraction(drop_block(x, 0.1, 5)) for _ in range(40)]
+        monkeypatch.setattr(functional, "DENSE_MAX_POSITIONS", 0)
+        rows = [drop_fraction(drop_block(x, 0.1, 5)) for _ in range(40)]
+        # one call's sd ~0.0045 (256 planes of 196 units, 25-unit blocks); the difference of two
+        # 40-call means has sd 0.001, the tolerance is 5 of those
+        assert abs(sum(dense) / 40 - sum(rows) / 40) < 0.005
+
+
+class TestChunks:
+    """Large contiguous inputs multiply and fill a chunk at a time (and build a large map so)."""
+
+    @pytest.mark.parametrize("inplace", [False, True])
+    def test_chunks_change_nothing(self, monkeypatch, inplace) -> None:
+        from dropblock_inject.op import functional
+
+        x = torch.randn(4, 16, 28, 28)
+        chunk_rows, splits = functional._chunk_rows, []
+        monkeypatch.setattr(functional, "_chunk_rows", lambda *a: splits.append(a) or chunk_rows(*a))
+
+        def run(chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+            monkeypatch.setattr(functional, "_CHUNK_UNITS", chunk)
+            monkeypatch.setattr(functional, "_CHUNK_MIN_UNITS", chunk)
+            monkeypatch.setattr(functional, "_CHUNK_MAP_UNITS", chunk)
+            leaf = x.clone().requires_grad_()
+            src = leaf * 1.0 if inplace else leaf
+            out = drop_block(src, 0.3, 3, inplace=inplace, generator=seeded(2))
+            out.backward(torch.arange(out.numel(), dtype=out.dtype).view(out.shape))
+            return out.detach(), leaf.grad
+
+        plain = run(1 << 30)
+        assert not splits
+        for chunk in (1000, 4096, 7 * 28 * 28 + 5):  # rows that end past a chunk, chunks inside a plane
+            assert all(torch.equal(a, b) for a, b in zip(run(chunk), plain))
+            assert len(splits) == 3  # the map, the forward multiply and the backward one
+            splits.clear()
+
+    def test_the_map_path_with_chunks(self, monkeypatch) -> None:
+        # dropout-like settings: dense rows, so backward keeps the (chunk-built) bool map
+        from dropblock_inject.op import functional
+
+        monkeypatch.setattr(functional, "_CHUNK_UNITS", 3000)
+        monkeypatch.setattr(functional, "_CHUNK_MIN_UNITS", 3000)
+        monkeypatch.setattr(functional, "_CHUNK_MAP_UNITS", 3000)
+        x = torch.randn(4, 16, 14, 14, requires_grad=True)
+        out = drop_block(x, 0.5, 1)
+        out.sum().backward()
+        assert torch.allclose(x.grad, out.detach() / x.detach(), atol=1e-6)
+        assert 0.45 < drop_fraction(out) < 0.55
 
 
 class TestWholePlanes:
