@@ -45,7 +45,6 @@ def traced_drop_block(
     return out.movedim(1, -1) if channel_dim != 1 else out
 
 
-
 class DropBlock(nn.Module):
     """DropBlock for ``(N, C, H, W)`` and ``(N, C, D, H, W)`` inputs; identity in eval.
 
