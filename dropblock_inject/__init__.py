@@ -18,10 +18,25 @@ from dropblock_inject.schedule import DropBlockSchedule
 
 __version__ = "0.1.0"
 
+_TRAINING = ("AblationConfig", "AblationResult", "FinetuneConfig", "ablate", "finetune")
+
+
+def __getattr__(name: str) -> object:
+    """The training side (``ablate``, ``finetune`` and their configs), imported on first use."""
+    if name in _TRAINING:
+        import dropblock_inject.train as train
+
+        return getattr(train, name)
+    raise AttributeError(f"module 'dropblock_inject' has no attribute {name!r}")
+
+
 __all__ = [
+    "AblationConfig",
+    "AblationResult",
     "DropBlock",
     "DropBlockInjectError",
     "DropBlockSchedule",
+    "FinetuneConfig",
     "NoSitesError",
     "Plan",
     "Recipe",
@@ -31,8 +46,10 @@ __all__ = [
     "TraceError",
     "VerificationError",
     "__version__",
+    "ablate",
     "block_geometry",
     "drop_block",
+    "finetune",
     "inject",
     "list_recipes",
     "load_recipe",

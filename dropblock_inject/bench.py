@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -522,7 +524,7 @@ def _profiled_peak(step: Callable[[], object]) -> int | None:
         from torch.profiler import profile
         from torch.profiler._memory_profiler import Action, MemoryProfile
 
-        with profile(profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        with _native_stderr_to_devnull(), profile(profile_memory=True, record_shapes=True, with_stack=True) as prof:
             step()
         live = peak = 0
         for _, action, _, size in MemoryProfile(prof.profiler.kineto_results).timeline:
@@ -534,6 +536,21 @@ def _profiled_peak(step: Callable[[], object]) -> int | None:
         return peak
     except Exception:  # a private profiler API; the saved-bytes figure still stands
         return None
+
+
+@contextlib.contextmanager
+def _native_stderr_to_devnull() -> Iterator[None]:
+    """Send what native code writes to file descriptor 2 to /dev/null: the profiler (kineto) logs its
+    start and stop, and a failed CUDA device count on a machine without a GPU, there."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _train_step(model: Callable[..., object], x: torch.Tensor, amp: str | None = None) -> Callable[[], object]:

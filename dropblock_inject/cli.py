@@ -8,6 +8,7 @@ Subcommands:
     viz             sample masks of each patched stage and the schedule curve, as a PNG.
     plan MODEL      dry run: the sites inject() would patch, as a table or JSON.
     finetune        train a classifier with DropBlock (default: the embedded digits).
+    ablate          the same model under several arms x seeds, paired: does DropBlock help, with intervals.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     viz.set_defaults(func=_run_viz)
     _add_plan_parser(sub)
     _add_finetune_parser(sub)
+    _add_ablate_parser(sub)
     return parser
 
 
@@ -192,7 +194,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     import json
 
     from dropblock_inject.api import plan
-    from dropblock_inject.finetune import ConfigError, check_recipe
+    from dropblock_inject.train import ConfigError, check_recipe
 
     if args.drop_prob is not None and not 0.0 <= args.drop_prob < 1.0:
         raise ConfigError(f"--drop-prob must be in [0, 1), got {args.drop_prob}")
@@ -233,95 +235,118 @@ def _jsonable(value: object) -> object:
     return value
 
 
-def _add_finetune_parser(sub: argparse._SubParsersAction) -> None:
-    from dropblock_inject.finetune import FinetuneConfig
+_DATA_DEFAULTS = ("input_size", "train_per_class")  # their defaults depend on --data: the help says so
+_TRAINING_NUMBERS = (("epochs", int), ("batch_size", int), ("lr", float), ("drop_prob", float), ("seed", int))
+_TRAINING_FIELDS = ("model", "data", "checkpoint", "pretrained", "epochs", "batch_size", "lr", "optimizer",
+                    "weight_decay", "drop_prob", "recipe", "seed", "out", "workers", "device",
+                    "limit_train_batches", "limit_val_batches", "train_per_class")  # fmt: skip
 
-    defaults = FinetuneConfig()
+
+def _add_training_options(p: argparse.ArgumentParser, config_class: type) -> None:
+    """The options of ``finetune`` and ``ablate``: one per field of ``config_class``, its help and default."""
+    defaults = config_class()
 
     def h(name: str) -> str:
-        return FinetuneConfig.help(name).replace("%", "%%")
+        default = getattr(defaults, name)
+        shown = f" (default {default})" if default not in (None, False) and name not in _DATA_DEFAULTS else ""
+        return config_class.help(name).replace("%", "%%") + shown
 
-    p = sub.add_parser("finetune", help="train a classifier with DropBlock (default: the embedded digits)")
-    p.add_argument("--model", default=defaults.model, help=f"{h('model')} (default {defaults.model})")
+    p.add_argument("--model", default=defaults.model, help=h("model"))
     p.add_argument("--data", default=None, metavar="PATH", help=h("data"))
     p.add_argument("--checkpoint", default=None, metavar="FILE", help=h("checkpoint"))
     p.add_argument("--pretrained", action="store_true", help=h("pretrained"))
-    for name, kind in (("epochs", int), ("batch_size", int), ("lr", float), ("drop_prob", float), ("seed", int)):
-        flag = "--" + name.replace("_", "-")
-        default = getattr(defaults, name)
-        p.add_argument(flag, type=kind, default=default, help=f"{h(name)} (default {default})")
+    for name, kind in _TRAINING_NUMBERS:
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(defaults, name), help=h(name))
     p.add_argument("--optimizer", choices=("adamw", "sgd"), default=defaults.optimizer, help=h("optimizer"))
     p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help=h("weight_decay"))
     p.add_argument("--recipe", default=None, help=h("recipe"))
-    p.add_argument("--compare", action="store_true", help=h("compare"))
-    p.add_argument("--out", default=None, metavar="DIR", help=h("out"))
+    p.add_argument("--out", default=defaults.out, metavar="DIR", help=h("out"))
     p.add_argument(
         "--input-size", type=int, nargs="+", default=None, metavar="N", help="S or 3 S S: " + h("input_size")
     )
+    p.add_argument("--train-per-class", type=int, default=None, metavar="N", help=h("train_per_class"))
     p.add_argument("--workers", type=int, default=None, help=h("workers"))
     p.add_argument("--device", default=defaults.device, help=h("device"))
     p.add_argument("--limit-train-batches", type=int, default=None, metavar="N", help=h("limit_train_batches"))
     p.add_argument("--limit-val-batches", type=int, default=None, metavar="N", help=h("limit_val_batches"))
-    p.set_defaults(func=_run_finetune)
 
 
-def _run_finetune(args: argparse.Namespace) -> int:
-    from dropblock_inject.finetune import ConfigError, FinetuneConfig, finetune
+def _training_values(args: argparse.Namespace) -> dict[str, object]:
+    """The config fields that the training options give, ``--input-size`` checked."""
+    from dropblock_inject.train import ConfigError
 
     size = args.input_size or [None]
     if not (len(size) == 1 or (len(size) == 3 and size[0] == 3 and size[1] == size[2])):
         raise ConfigError(f"--input-size takes S or 3 S S (square RGB images), got {' '.join(map(str, size))}")
-    config = FinetuneConfig(
-        model=args.model, data=args.data, checkpoint=args.checkpoint, pretrained=args.pretrained,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-        weight_decay=args.weight_decay,
-        drop_prob=args.drop_prob, recipe=args.recipe, seed=args.seed, compare=args.compare, out=args.out,
-        input_size=size[-1], workers=args.workers, device=args.device,
-        limit_train_batches=args.limit_train_batches, limit_val_batches=args.limit_val_batches,
-    )  # fmt: skip
-    finetune(config, _rich_reporter())
+    return {**{name: getattr(args, name) for name in _TRAINING_FIELDS}, "input_size": size[-1]}
+
+
+def _add_finetune_parser(sub: argparse._SubParsersAction) -> None:
+    from dropblock_inject.train import FinetuneConfig
+
+    p = sub.add_parser("finetune", help="train a classifier with DropBlock (default: the embedded digits)")
+    _add_training_options(p, FinetuneConfig)
+    p.add_argument("--compare", action="store_true", help=FinetuneConfig.help("compare"))
+    p.set_defaults(func=_run_finetune)
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    from dropblock_inject.cli_progress import rich_finetune_reporter
+    from dropblock_inject.train import FinetuneConfig, finetune
+
+    finetune(FinetuneConfig(**_training_values(args), compare=args.compare), rich_finetune_reporter())
     return 0
 
 
-def _rich_reporter():  # -> dropblock_inject.finetune.Reporter
-    """Progress bars on a terminal (rich), plain lines otherwise."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def _add_ablate_parser(sub: argparse._SubParsersAction) -> None:
+    from dropblock_inject.train import ARM_KINDS, AblationConfig
 
-    from dropblock_inject.finetune import RUN_LABELS, Reporter
+    defaults = AblationConfig()
+    p = sub.add_parser(
+        "ablate",
+        help="does DropBlock help? the same model under several arms x seeds, paired, with confidence intervals",
+        description="Train the same model under several arms for several seeds (seed s: the same initial weights, "
+        "data order and augmentation in every arm) and compare each arm with 'none': paired differences with "
+        "confidence intervals, and a verdict that claims no more than they support. Finished runs are kept in "
+        "--out: running again skips them.",
+    )  # fmt: skip
+    _add_training_options(p, AblationConfig)
+    arms = ",".join(defaults.arms)
+    p.add_argument("--arms", default=arms, metavar="A,B,...", help=f"from {', '.join(ARM_KINDS)} (default {arms})")
+    p.add_argument("--seeds", type=int, default=defaults.seeds,
+                   help=f"{AblationConfig.help('seeds')} (default {defaults.seeds})")  # fmt: skip
+    p.add_argument("--drop-probs", default=None, metavar="P,Q,...", help=AblationConfig.help("drop_probs"))
+    p.add_argument("--block-sizes", default=None, metavar="B,C,...", help=AblationConfig.help("block_sizes"))
+    p.add_argument("--shard", default=None, metavar="I/N", help=AblationConfig.help("shard"))
+    report = "train nothing: summarise the finished runs in DIR (all shards'), print and write the table"
+    p.add_argument("--report", default=None, metavar="DIR", help=report)
+    p.set_defaults(func=_run_ablate)
 
-    class RichReporter(Reporter):
-        def __init__(self) -> None:
-            self.console = Console()
-            self.progress: Progress | None = None
 
-        def message(self, text: str) -> None:
-            if self.progress is None:
-                print(text, flush=True)
-            else:
-                self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+def _run_ablate(args: argparse.Namespace) -> int:
+    from dropblock_inject.cli_progress import rich_ablation_reporter
+    from dropblock_inject.train import AblationConfig, ablate, report
 
-        def train_start(self, run: str, epochs: int, steps_per_epoch: int) -> None:
-            if not self.console.is_terminal:
-                return
-            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                       TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn())  # fmt: skip
-            self.progress = Progress(*columns, console=self.console, transient=True)
-            self.progress.start()
-            self.total, self.steps = epochs, steps_per_epoch
-            self.task = self.progress.add_task(RUN_LABELS.get(run, run), total=epochs * steps_per_epoch, loss="-")
+    if args.report:
+        report(args.report, rich_ablation_reporter())
+        return 0
+    config = AblationConfig(**_training_values(args), arms=args.arms, seeds=args.seeds, shard=args.shard,
+                            drop_probs=_numbers(args.drop_probs, float, "--drop-probs"),
+                            block_sizes=_numbers(args.block_sizes, int, "--block-sizes"))  # fmt: skip
+    ablate(config, rich_ablation_reporter())
+    return 0
 
-        def step(self, run: str, epoch: int, step: int, loss: float) -> None:
-            if self.progress is not None:
-                label = f"{RUN_LABELS.get(run, run)}, epoch {epoch}/{self.total}"
-                self.progress.update(self.task, advance=1, description=label, loss=f"{loss:.3f}")
 
-        def train_end(self, run: str) -> None:
-            if self.progress is not None:
-                self.progress.stop()
-                self.progress = None
+def _numbers(text: str | None, kind: type, flag: str) -> tuple | None:
+    """``"0.05,0.1"`` as numbers of ``kind``; None when not given."""
+    from dropblock_inject.train import ConfigError
 
-    return RichReporter()
+    if text is None:
+        return None
+    try:
+        return tuple(kind(part) for part in text.split(",") if part.strip())
+    except ValueError as e:
+        raise ConfigError(f"{flag} takes comma-separated {kind.__name__}s, got {text!r}") from e
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:

@@ -20,7 +20,7 @@ from torch import nn
 
 from dropblock_inject.op.module import DropBlock
 
-__all__ = ["DropBlockSchedule"]
+__all__ = ["DropBlockSchedule", "ramp_progress"]
 
 KINDS = ("linear", "cosine", "constant")
 
@@ -78,19 +78,7 @@ class DropBlockSchedule:
     def progress(self, step: int | None = None) -> float:
         """Progress in ``[0, 1]`` at ``step`` (default: the current step)."""
         step = self.last_step if step is None else step
-        if callable(self.kind):
-            value = float(self.kind(step))
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"the schedule callable must return a progress in [0, 1], got {value} at step {step}")
-            return value
-        if step < self.warmup_steps:
-            return 0.0
-        t = min((step - self.warmup_steps) / (self.total_steps - self.warmup_steps), 1.0)
-        if self.kind == "constant":
-            return 1.0
-        if self.kind == "cosine":
-            return 0.5 * (1.0 - math.cos(math.pi * t))
-        return t
+        return ramp_progress(step, total_steps=self.total_steps, warmup_steps=self.warmup_steps, kind=self.kind)
 
     def rates(self) -> list[float]:
         """The drop rate each module applies now, in module order."""
@@ -148,6 +136,29 @@ class DropBlockSchedule:
             f"{type(self).__name__}(modules={len(self.modules)}, step={self.last_step}/{self.total_steps}, "
             f"warmup_steps={self.warmup_steps}, kind={kind!r}, start={self.start}, progress={self.progress():.3f})"
         )
+
+
+def ramp_progress(step: int, *, total_steps: int, warmup_steps: int, kind: str | Callable[[int], float]) -> float:
+    """The progress in ``[0, 1]`` of a :class:`DropBlockSchedule` at ``step``: 0 during the warm-up,
+    then ``kind``'s ramp to 1 at ``total_steps``, and 1 afterwards.
+
+    Example:
+        >>> ramp_progress(30, total_steps=100, warmup_steps=20, kind="linear")
+        0.125
+    """
+    if callable(kind):
+        value = float(kind(step))
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"the schedule callable must return a progress in [0, 1], got {value} at step {step}")
+        return value
+    if step < warmup_steps:
+        return 0.0
+    t = min((step - warmup_steps) / (total_steps - warmup_steps), 1.0)
+    if kind == "constant":
+        return 1.0
+    if kind == "cosine":
+        return 0.5 * (1.0 - math.cos(math.pi * t))
+    return t
 
 
 def _saved_callable(state: dict[str, Any], kind: str | Callable[[int], float]) -> bool:

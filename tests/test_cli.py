@@ -199,6 +199,15 @@ class TestVizAndBenchStep:
             bench.op_share(failing)
         assert (_DropBlockFunction.forward, _DropBlockFunction.backward) == originals
 
+    def test_bench_step_with_memory_writes_nothing_to_stderr(self) -> None:
+        # the CPU peak comes from torch's profiler, whose native logging (profiler_start/stop, a failed CUDA
+        # device count) goes to file descriptor 2: a subprocess sees what a user's terminal would
+        argv = ["bench", "step", "resnet10t", "--batch-size", "2", "--input-size", "3", "32", "32", "--repeats", "1"]
+        out = subprocess.run([sys.executable, "-m", "dropblock_inject", *argv], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert "peak allocated" in out.stdout and "DropBlock ops (forward + backward)" in out.stdout
+        assert out.stderr == ""
+
     def test_bench_step_channels_last_and_autocast(self) -> None:
         from dropblock_inject.bench import bench_step
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dropblock_inject.data import (
+from dropblock_inject.errors import DropBlockInjectError
+from dropblock_inject.train.data import (
     DataError,
     digits_splits,
     image_folder_splits,
@@ -17,7 +18,6 @@ from dropblock_inject.data import (
     load_splits,
     stratified_split,
 )
-from dropblock_inject.errors import DropBlockInjectError
 
 
 def make_image_folder(root: Path, classes: dict[str, int], size: int = 12) -> Path:

@@ -15,7 +15,8 @@ from torch import nn
 
 from dropblock_inject import DropBlock
 from dropblock_inject.errors import DropBlockInjectError, RecipeError
-from dropblock_inject.finetune import (
+from dropblock_inject.models import create_model
+from dropblock_inject.train import (
     CheckpointError,
     ConfigError,
     FinetuneConfig,
@@ -25,8 +26,7 @@ from dropblock_inject.finetune import (
     plan_for,
     read_checkpoint,
 )
-from dropblock_inject.finetune_config import DIGITS_RULES
-from dropblock_inject.models import create_model
+from dropblock_inject.train.config import DIGITS_RULES
 
 TINY = "test_finetune:tiny_net"  # importable: pytest puts tests/ on sys.path (and spawn passes it on)
 
@@ -188,9 +188,20 @@ class TestFinetune:
         assert (out / "notes.txt").read_text() == "mine"
         rows = list(csv.DictReader((out / "metrics.csv").open()))
         assert [r["epoch"] for r in rows] == ["1", "2"] and float(rows[-1]["val_acc"]) == run.val_accuracy
+        # is it even on? the realised drop per stage, measured in training, printed and written per epoch
+        assert [item.split("=")[0] for item in rows[-1]["realised_by_stage"].split()] == ["8x8", "4x4"]
+        assert 0.0 < float(rows[0]["realised_drop"]) < float(rows[-1]["realised_drop"])  # the ramp
+        assert run.realised.overall == float(rows[-1]["realised_drop"])
+        assert "drop 0.200 (realised 8x8=" in rec.text
         doc = json.loads((out / "metrics.json").read_text())
         assert doc["runs"]["dropblock"]["val_accuracy"] == run.val_accuracy and doc["config"]["epochs"] == 2
         assert len(doc["runs"]["dropblock"]["plan"]) > 0
+
+    def test_train_per_class(self) -> None:
+        rec = Recorder()
+        finetune(tiny_config(epochs=1, train_per_class=5, limit_val_batches=1), rec)
+        assert rec.steps == 1  # 50 images: one batch of 64 (kept: not more than one batch)
+        assert "5 training images per class (50 in all)" in rec.text
 
     def test_checkpoint_is_stripped_and_loads_strict(self, tmp_path: Path) -> None:
         rec = Recorder()
@@ -214,11 +225,13 @@ class TestFinetune:
     def test_compare_trains_both_from_the_same_start(self, tmp_path: Path) -> None:
         rec = Recorder()
         result = finetune(tiny_config(epochs=1, limit_train_batches=3, compare=True, out=str(tmp_path)), rec)
-        assert [r.name for r in result.runs] == ["dropblock", "baseline"]
-        assert result.run("baseline").history[0]["drop_rate"] == 0.0
+        assert [r.name for r in result.runs] == ["dropblock", "none"]
+        assert result.run("none").history[0]["drop_rate"] == 0.0
         assert "with DropBlock" in rec.text and "without DropBlock" in rec.text
+        assert "one seed each: the difference is one draw" in rec.text
         assert (tmp_path / "baseline.pt").is_file()
-        assert {r["run"] for r in csv.DictReader((tmp_path / "metrics.csv").open())} == {"dropblock", "baseline"}
+        assert {r["run"] for r in csv.DictReader((tmp_path / "metrics.csv").open())} == {"dropblock", "none"}
+        assert result.run("none").init_hash == result.run("dropblock").init_hash
 
     def test_starts_from_a_checkpoint_with_another_head(self, tmp_path: Path) -> None:
         torch.manual_seed(123)

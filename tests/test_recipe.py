@@ -14,8 +14,8 @@ import torchvision
 from torch import nn
 
 import dropblock_inject as dbi
-from dropblock_inject.finetune import FinetuneConfig, Reporter, finetune
 from dropblock_inject.recipe import TOP_KEYS
+from dropblock_inject.train import FinetuneConfig, Reporter, finetune
 
 
 def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal, NamedTuple
 
 from dropblock_inject.errors import NoSitesError, RecipeError
@@ -137,6 +137,29 @@ class Plan(Sequence[Site]):
         """One plain dict per site (JSON-ready)."""
         return [s.to_dict() for s in self._sites]
 
+    def with_blocks(self, block_for: Callable[[Site], Sequence[int]]) -> Plan:
+        """A copy whose sites take the block ``block_for(site)`` (one side per spatial dimension),
+        their expected drops recomputed; the same sites, rates and stages.
+
+        Example:
+            >>> import torchvision
+            >>> import dropblock_inject as dbi
+            >>> p = dbi.plan(torchvision.models.resnet18())
+            >>> whole = p.with_blocks(lambda s: s.feature)  # SpatialDropout: each block covers its map
+            >>> [(s.feature, s.block_size, round(s.expected_drop, 3)) for s in whole][-1]
+            ((7, 7), (7, 7), 0.1)
+        """
+        sites = []
+        for s in self._sites:
+            block = tuple(int(b) for b in block_for(s))
+            if len(block) != len(s.feature) or min(block) < 1:
+                raise ValueError(f"block_for gave {block} for the {len(s.feature)}-D map of {s.host}")
+            expected = _expected_drop(s.feature, block, min(s.rate, 1.0), self.gamma)
+            sites.append(replace(s, block_size=block, expected_drop=expected))
+        return Plan(sites, model=self.model, input_size=self.input_size, stages=self.stages, rules=self.rules,
+                    rejected=self.rejected, candidates=self.candidates, gamma=self.gamma,
+                    shared_channels=self.shared_channels)  # fmt: skip
+
     def __repr__(self) -> str:
         return f"Plan(model={self.model}, sites={len(self)}, stages={sorted({s.stage for s in self})})"
 
@@ -232,7 +255,6 @@ def _site(cand: Candidate, stage: int, stages: list[Stage], chosen: set[int], ru
         return None
     settings = rules.settings_for(paths, stage, len(stages), cand.feature)
     block = settings["block_size"]
-    geom = block_geometry(cand.feature, block, "valid")
     rate = min(settings["drop_prob"] * settings["gamma_scale"], 1.0)
     status: Status = "new" if cand.existing is None else ("patched" if cand.existing == "ours" else "covered")
     return Site(
@@ -242,9 +264,15 @@ def _site(cand: Candidate, stage: int, stages: list[Stage], chosen: set[int], ru
         block_size=block,
         gamma_scale=settings["gamma_scale"],
         drop_prob=settings["drop_prob"],
-        expected_drop=geom.expected_drop(geom.seed_rate(rate, rules.gamma)),
+        expected_drop=_expected_drop(cand.feature, block, rate, rules.gamma),
         status=status,
     )
+
+
+def _expected_drop(feature: tuple[int, ...], block: tuple[int, ...], rate: float, gamma: str) -> float:
+    """The expected fraction of dropped units of a ``feature`` map at ``rate`` with ``block``."""
+    geom = block_geometry(feature, block, "valid")
+    return geom.expected_drop(geom.seed_rate(rate, gamma))
 
 
 def _whole_hosts(sites: list[Site], candidates: list[Candidate]) -> list[Site]:

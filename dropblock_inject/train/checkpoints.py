@@ -19,15 +19,15 @@ import torch
 from torch import nn
 
 from dropblock_inject.errors import DropBlockInjectError
-from dropblock_inject.finetune_config import FinetuneConfig
-from dropblock_inject.finetune_report import FinetuneResult
 from dropblock_inject.models import create_model
+from dropblock_inject.train.config import FinetuneConfig
+from dropblock_inject.train.report import FinetuneResult
 
 __all__ = ["CHECKPOINT_FILES", "OUTPUT_FILES", "CheckpointError", "initial_weights", "load_weights",
-           "read_checkpoint", "write_outputs"]  # fmt: skip
+           "read_checkpoint", "write_file", "write_outputs"]  # fmt: skip
 
 OUTPUT_FILES = {"metrics_csv": "metrics.csv", "metrics_json": "metrics.json"}
-CHECKPOINT_FILES = {"dropblock": "model.pt", "baseline": "baseline.pt"}
+CHECKPOINT_FILES = {"dropblock": "model.pt", "none": "baseline.pt"}
 
 
 class CheckpointError(DropBlockInjectError, ValueError):
@@ -149,13 +149,13 @@ def write_outputs(result: FinetuneResult) -> list[str]:
     assert out is not None
     os.makedirs(out, exist_ok=True)
     rows = [row for r in result.runs for row in r.history]
-    files = [_write(out, OUTPUT_FILES["metrics_csv"], _csv_text(rows).encode())]
+    files = [write_file(out, OUTPUT_FILES["metrics_csv"], _csv_text(rows).encode())]
     text = json.dumps(result.to_dict(), indent=2, default=_json_default)
-    files.append(_write(out, OUTPUT_FILES["metrics_json"], text.encode()))
+    files.append(write_file(out, OUTPUT_FILES["metrics_json"], text.encode()))
     for r in result.runs:
         buf = io.BytesIO()
         torch.save({k: v.detach().cpu() for k, v in r.model.state_dict().items()}, buf)
-        files.append(_write(out, CHECKPOINT_FILES[r.name], buf.getvalue()))
+        files.append(write_file(out, CHECKPOINT_FILES[r.name], buf.getvalue()))
     return files
 
 
@@ -167,7 +167,7 @@ def _csv_text(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def _write(folder: str, name: str, data: bytes) -> str:
+def write_file(folder: str, name: str, data: bytes) -> str:
     """Write ``data`` to ``folder/name`` through a temporary file, so a crash leaves no half file."""
     path = os.path.join(folder, name)
     tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")

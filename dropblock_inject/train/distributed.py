@@ -10,14 +10,15 @@ import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from dropblock_inject.finetune_config import ConfigError
+from dropblock_inject.train.config import ConfigError
 
-__all__ = ["DistContext", "all_sum", "distributed", "resolve_device", "sync_buffers", "wrap"]
+__all__ = ["DistContext", "all_sum", "broadcast", "distributed", "resolve_device", "sync_buffers", "wrap"]
 
 
 @dataclass
@@ -107,3 +108,12 @@ def all_sum(values: list[float], ctx: DistContext, device: torch.device) -> list
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def broadcast(value: Any, ctx: DistContext) -> Any:
+    """Rank 0's ``value`` (a picklable object) on every rank."""
+    if not ctx.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

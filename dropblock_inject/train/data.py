@@ -32,6 +32,7 @@ __all__ = [
     "DataError",
     "Splits",
     "digits_splits",
+    "few_per_class",
     "image_folder_splits",
     "load_digits",
     "load_splits",
@@ -212,6 +213,51 @@ def _transforms(size: int) -> tuple[object, object]:
     return train, val
 
 
-def load_splits(path: str | os.PathLike | None, size: int) -> Splits:
-    """The embedded digits when ``path`` is None, else the image folder at ``path``."""
-    return digits_splits(size) if path is None else image_folder_splits(path, size)
+def load_splits(path: str | os.PathLike | None, size: int, train_per_class: int | None = None) -> Splits:
+    """The embedded digits when ``path`` is None, else the image folder at ``path``.
+
+    Args:
+        path: An image folder (see :func:`image_folder_splits`), or None for the digits.
+        size: Side of the square images.
+        train_per_class: Keep only this many training images of each class (a low-data setting;
+            the same images whatever the training seed); the validation split stays whole.
+    """
+    splits = digits_splits(size) if path is None else image_folder_splits(path, size)
+    return splits if train_per_class is None else few_per_class(splits, train_per_class)
+
+
+def few_per_class(splits: Splits, k: int, seed: int = SPLIT_SEED) -> Splits:
+    """``splits`` with ``k`` training images per class, drawn by ``seed`` (fixed: the same subset in every run).
+
+    Raises:
+        DataError: A class has fewer than ``k`` training images (the message names the smallest).
+
+    Example:
+        >>> s = few_per_class(digits_splits(16), 5)
+        >>> labels = [y for _, y in s.train]
+        >>> len(s.train), len(s.val), [labels.count(c) for c in range(10)] == [5] * 10
+        (50, 359, True)
+    """
+    labels = torch.as_tensor(_labels_of(splits.train))
+    gen = torch.Generator().manual_seed(seed)
+    keep: list[int] = []
+    for cls in range(len(splits.classes)):
+        idx = torch.nonzero(labels == cls).flatten()
+        if len(idx) < k:
+            raise DataError(
+                f"train_per_class={k}, but class {splits.classes[cls]!r} has {len(idx)} training images: "
+                f"pick at most {min(torch.bincount(labels, minlength=len(splits.classes)).tolist())}"
+            )
+        keep += idx[torch.randperm(len(idx), generator=gen)[:k]].tolist()
+    source = f"{splits.source}; {k} training images per class ({len(keep)} in all)"
+    return Splits(Subset(splits.train, sorted(keep)), splits.val, splits.classes, source)
+
+
+def _labels_of(dataset: Dataset) -> list[int]:
+    """The label of every item, read without loading images."""
+    if isinstance(dataset, Subset):
+        inner = _labels_of(dataset.dataset)
+        return [inner[i] for i in dataset.indices]
+    if isinstance(dataset, _TensorImages):
+        return dataset.labels.tolist()
+    return list(dataset.targets)  # torchvision's ImageFolder

@@ -1,4 +1,4 @@
-"""What ``finetune`` reports: the :class:`Reporter` it sends progress to, and the results it returns."""
+"""What a training run reports: the :class:`Reporter` it sends progress to, and the results it returns."""
 
 from __future__ import annotations
 
@@ -8,26 +8,33 @@ from typing import Any
 
 from torch import nn
 
-from dropblock_inject.finetune_config import FinetuneConfig
+from dropblock_inject.pipeline.plan import Plan
+from dropblock_inject.train.config import FinetuneConfig
+from dropblock_inject.train.meter import Realised
 
 __all__ = ["RUN_LABELS", "FinetuneResult", "Reporter", "RunResult", "format_comparison", "format_epoch"]
 
-RUN_LABELS = {"dropblock": "with DropBlock", "baseline": "without DropBlock"}
+RUN_LABELS = {"dropblock": "with DropBlock", "none": "without DropBlock"}
 
 
 class Reporter:
-    """Where :func:`~dropblock_inject.finetune.finetune` sends its progress; the default prints lines.
+    """Where :func:`~dropblock_inject.train.finetune` sends its progress; the default prints lines.
 
-    Subclass to redirect. Only rank 0 receives ``message``, ``train_start``, ``step``, ``epoch_end``
-    and ``train_end``; ``on_model`` is called on every rank, with the model ready to train
-    (DropBlock injected, on its device, not yet wrapped in ``DistributedDataParallel``).
+    Subclass to redirect. ``run`` is the run's arm (``"dropblock"``, ``"none"``, ...). Only rank 0
+    receives ``message``, ``on_plan``, ``train_start``, ``step``, ``epoch_end`` and ``train_end``;
+    ``on_model`` is called on every rank, with the model ready to train (DropBlock injected, on its
+    device, not yet wrapped in ``DistributedDataParallel``).
     """
 
     def message(self, text: str) -> None:
         print(text, flush=True)
 
+    def on_plan(self, run: str, plan: Plan) -> None:
+        """The sites ``run`` patches, before it trains."""
+        self.message(str(plan))
+
     def on_model(self, run: str, model: nn.Module) -> None:
-        """``run`` is ``"dropblock"`` or ``"baseline"``."""
+        """The model of ``run``, ready to train."""
 
     def train_start(self, run: str, epochs: int, steps_per_epoch: int) -> None:
         """Before the first step of ``run``."""
@@ -44,9 +51,11 @@ class Reporter:
 
 @dataclass
 class RunResult:
-    """One training run: ``name`` is ``"dropblock"`` or ``"baseline"``.
+    """One training run: ``name`` is its arm (``"dropblock"``, ``"none"``, ...).
 
-    ``model`` is the trained model, DropBlock stripped (the architecture as built).
+    ``model`` is the trained model, DropBlock stripped (the architecture as built); the metrics are
+    the last epoch's; ``init_hash`` is a hash of the initial weights (equal in every arm of a seed);
+    ``realised`` the fraction of units the DropBlocks really dropped in the last epoch.
     """
 
     name: str
@@ -56,8 +65,11 @@ class RunResult:
     val_correct: int
     val_count: int
     seconds: float
-    model: nn.Module = field(repr=False)
+    model: nn.Module | None = field(repr=False)
     plan: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    seed: int = 0
+    init_hash: str = ""
+    realised: Realised = field(default_factory=lambda: Realised(0.0, {}))
 
 
 @dataclass
@@ -75,7 +87,7 @@ class FinetuneResult:
         return next(r for r in self.runs if r.name == name)
 
     def to_dict(self) -> dict[str, Any]:
-        runs = {r.name: {f.name: getattr(r, f.name) for f in fields(r) if f.name != "model"} for r in self.runs}
+        runs = {r.name: {f.name: _plain(getattr(r, f.name)) for f in fields(r) if f.name != "model"} for r in self.runs}
         return {
             "config": self.config.to_dict(),
             "data": self.data,
@@ -85,17 +97,25 @@ class FinetuneResult:
         }
 
 
+def _plain(value: Any) -> Any:
+    return value._asdict() if isinstance(value, Realised) else value
+
+
 def format_epoch(row: Mapping[str, Any]) -> str:
     """One line per epoch.
 
     Example:
         >>> format_epoch({"run": "dropblock", "epoch": 2, "epochs": 5, "train_loss": 0.5, "val_loss": 0.25,
-        ...               "val_acc": 0.9, "drop_rate": 0.04, "lr": 1e-3, "seconds": 12.0})
-        'epoch 2/5  train loss 0.5000  val loss 0.2500  val acc 90.00%  drop 0.040  lr 1.00e-03  12.0 s'
+        ...               "val_acc": 0.9, "drop_rate": 0.04, "realised_by_stage": "8x8=0.0098 4x4=0.0372",
+        ...               "lr": 1e-3, "seconds": 12.0})
+        'epoch 2/5  train loss 0.5000  val loss 0.2500  val acc 90.00%  drop 0.040 (realised 8x8=0.0098 \
+4x4=0.0372)  lr 1.00e-03  12.0 s'
     """
+    realised = f" (realised {row['realised_by_stage']})" if row.get("realised_by_stage") else ""
     return (
         f"epoch {row['epoch']}/{row['epochs']}  train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
-        f"val acc {100 * row['val_acc']:.2f}%  drop {row['drop_rate']:.3f}  lr {row['lr']:.2e}  {row['seconds']:.1f} s"
+        f"val acc {100 * row['val_acc']:.2f}%  drop {row['drop_rate']:.3f}{realised}  lr {row['lr']:.2e}  "
+        f"{row['seconds']:.1f} s"
     )
 
 
