@@ -83,8 +83,8 @@ def rich_ablation_reporter() -> AblationReporter:
 
         def ablation_start(self, runs: int, finished: int, steps_per_run: int) -> None:
             super().ablation_start(runs, finished, steps_per_run)
-            self.runs, self.done = runs - finished, 0
-            self.bar.start(f"runs 0/{self.runs}", self.runs * steps_per_run)
+            if runs > finished:
+                self.bar.start(f"runs 0/{runs - finished}", (runs - finished) * steps_per_run)
 
         def run_start(self, arm: str, seed: int, index: int, runs: int) -> None:
             self.bar.update(description=f"runs {index - 1}/{runs}: {arm} seed {seed}")

@@ -326,3 +326,48 @@ class TestFinetuneCommand:
         (tmp_path / "bad.yaml").write_text("stages: [1\n")
         assert main(["finetune", *FAST, "--recipe", str(tmp_path / "bad.yaml")]) == 2
         assert "bad.yaml" in one_line_error(capsys, "finetune")
+
+
+class TestProgress:
+    """The rich bars on a terminal: one overall bar for ablate (runs done, total, time left)."""
+
+    def terminal(self, reporter):
+        import io
+
+        from rich.console import Console
+
+        reporter.bar.console = Console(file=io.StringIO(), force_terminal=True, width=120)
+        return reporter
+
+    def test_ablation_bar_counts_runs_and_steps(self) -> None:
+        from dropblock_inject.cli_progress import rich_ablation_reporter
+
+        rep = self.terminal(rich_ablation_reporter())
+        rep.ablation_start(runs=6, finished=2, steps_per_run=5)
+        task = rep.bar.progress.tasks[0]
+        assert task.total == 4 * 5 and task.description == "runs 0/4"
+        rep.run_start("dropblock", 3, 1, 4)
+        for i in range(5):
+            rep.step("dropblock", 1, i + 1, 0.5)
+        assert task.completed == 5 and task.description == "runs 0/4: dropblock seed 3"
+        row = {"arm": "dropblock", "seed": 3, "val_acc": 0.9, "val_loss": 0.3, "realised_drop": 0.05,
+               "realised_by_stage": "8x8=0.0200", "seconds": 1.0}  # fmt: skip
+        rep.run_end(row, 1, 4)
+        assert task.description == "runs 1/4"
+        assert "[1/4] dropblock seed 3: acc 90.00%" in rep.bar.console.file.getvalue()
+        for i in (2, 3, 4):
+            rep.run_end(row, i, 4)
+        assert rep.bar.progress is None  # stopped after the last run
+        rep.ablation_start(runs=6, finished=6, steps_per_run=5)
+        assert rep.bar.progress is None  # nothing to run: no bar left behind
+
+    def test_finetune_bar(self) -> None:
+        from dropblock_inject.cli_progress import rich_finetune_reporter
+
+        rep = self.terminal(rich_finetune_reporter())
+        rep.train_start("dropblock", 2, 3)
+        task = rep.bar.progress.tasks[0]
+        rep.step("dropblock", 1, 1, 0.25)
+        assert (task.total, task.completed, task.fields["loss"]) == (6, 1, "0.250")
+        rep.train_end("dropblock")
+        assert rep.bar.progress is None

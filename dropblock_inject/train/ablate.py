@@ -27,7 +27,7 @@ from dropblock_inject.pipeline.plan import Plan
 from dropblock_inject.train.arms import Arm, expand_arms, unavailable_reason
 from dropblock_inject.train.config import AblationConfig, ConfigError, parse_shard
 from dropblock_inject.train.distributed import broadcast, distributed
-from dropblock_inject.train.loop import Setup, prepare, train_run
+from dropblock_inject.train.loop import Setup, prepare, steps_per_epoch, train_run
 from dropblock_inject.train.report import Reporter, RunResult
 from dropblock_inject.train.stats import Summary, summarise
 from dropblock_inject.train.store import AblationStore
@@ -179,7 +179,7 @@ def _claim(store: AblationStore, config: AblationConfig, setup: Setup) -> Any:
 def _run_grid(setup: Setup, store: AblationStore, digest: str, grid: list, todo: list, run: RunFn) -> AblationResult:
     reporter, cfg = setup.reporter, setup.config
     if setup.main:
-        reporter.ablation_start(len(grid), len(grid) - len(todo), cfg.epochs * _steps(setup))
+        reporter.ablation_start(len(grid), len(grid) - len(todo), cfg.epochs * steps_per_epoch(setup))
     for index, (arm, seed) in enumerate(todo, start=1):
         if setup.main:
             reporter.run_start(arm.name, seed, index, len(todo))
@@ -187,14 +187,6 @@ def _run_grid(setup: Setup, store: AblationStore, digest: str, grid: list, todo:
         if setup.main:
             reporter.run_end(store.add(result, digest), index, len(todo))
     return AblationResult(None, "", [], ran=len(todo), skipped=len(grid) - len(todo))
-
-
-def _steps(setup: Setup) -> int:
-    """Optimizer steps per epoch (for progress bars)."""
-    cfg = setup.config
-    per_rank = -(-len(setup.splits.train) // setup.ctx.world)
-    steps = per_rank // cfg.batch_size if per_rank > cfg.batch_size else 1
-    return min(steps, cfg.limit_train_batches or steps)
 
 
 def _conclude(setup: Setup, store: AblationStore, digest: str, grid: list, shard: tuple[int, int] | None,

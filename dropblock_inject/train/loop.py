@@ -33,7 +33,7 @@ from dropblock_inject.train.distributed import DistContext, all_sum, sync_buffer
 from dropblock_inject.train.meter import DropMeter, Realised, format_realised
 from dropblock_inject.train.report import Reporter, RunResult
 
-__all__ = ["MEASURES_PER_EPOCH", "RngStreams", "Setup", "prepare", "train_run", "weights_hash"]
+__all__ = ["MEASURES_PER_EPOCH", "RngStreams", "Setup", "prepare", "steps_per_epoch", "train_run", "weights_hash"]
 
 MEASURES_PER_EPOCH = 4  # training steps per epoch on which the DropMeter counts dropped units
 
@@ -143,7 +143,7 @@ def train_run(setup: Setup, arm: Arm, seed: int) -> RunResult:
     model = build_model(setup, seed, **model_kwargs(arm, cfg))
     init_hash = weights_hash(model)
     train_loader, val_loader = _loaders(setup, seed)
-    steps = min(len(train_loader), cfg.limit_train_batches or len(train_loader))
+    steps = steps_per_epoch(setup)
     reg = attach(arm, cfg, model, cfg.epochs * steps)
     if setup.main and reg.plan is not None:
         reporter.on_plan(arm.name, reg.plan)
@@ -241,6 +241,19 @@ class _Loop:
         return total / max(count, 1)
 
 
+def steps_per_epoch(setup: Setup) -> int:
+    """Optimizer steps per epoch: the full batches of this rank's share of the training set (one batch
+    when the share fits in one), at most ``limit_train_batches``."""
+    share = math.ceil(len(setup.splits.train) / setup.ctx.world)
+    batch = setup.config.batch_size
+    steps = share // batch if _drops_last(share, batch) else math.ceil(share / batch)
+    return min(steps, setup.config.limit_train_batches or steps)
+
+
+def _drops_last(share: int, batch: int) -> bool:
+    return share > batch  # a last batch of one image would break BatchNorm
+
+
 def _optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]  # norms and biases: no weight decay
@@ -265,8 +278,7 @@ def _loaders(setup: Setup, seed: int) -> tuple[DataLoader, DataLoader]:
     cfg, ctx, splits = setup.config, setup.ctx, setup.splits
     workers = cfg.workers if cfg.workers is not None else (0 if cfg.data is None else min(4, os.cpu_count() or 1))
     common = {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": setup.device.type == "cuda"}
-    shard = math.ceil(len(splits.train) / ctx.world)
-    drop_last = shard > cfg.batch_size  # a last batch of one image would break BatchNorm
+    drop_last = _drops_last(math.ceil(len(splits.train) / ctx.world), cfg.batch_size)
     if ctx.enabled:
         sampler = DistributedSampler(splits.train, ctx.world, ctx.rank, shuffle=True, seed=seed)
         train = DataLoader(splits.train, cfg.batch_size, sampler=sampler, drop_last=drop_last, **common)
