@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from dropblock_inject.errors import DropBlockInjectError
-from dropblock_inject.pipeline.analyse import analyse
+from dropblock_inject.pipeline.analyse import analyse, input_size_of
 from dropblock_inject.pipeline.plan import Plan, make_plan
 from dropblock_inject.pipeline.rewrite import apply_plan, strip_model
 from dropblock_inject.pipeline.rules import Rules
@@ -25,7 +25,8 @@ def plan(
     recipe: Recipe | Rules | str | Path | None = None,
     *,
     input_size: Sequence[int] | None = None,
-    example_inputs: tuple[Any, ...] | torch.Tensor | None = None,
+    example_inputs: tuple[Any, ...] | torch.Tensor | dict[str, Any] | None = None,
+    example_kwargs: dict[str, Any] | None = None,
     drop_prob: float | None = None,
     stages: int | list[int] | None = None,
     block_size: int | tuple[int, ...] | None = None,
@@ -39,13 +40,16 @@ def plan(
     ``pretrained_cfg["input_size"]``, else 3x224x224 (3x16x112x112 for 3-D convnets).
 
     Args:
-        model: A timm or torchvision model (or any ``nn.Module`` with convolutions).
+        model: A timm, torchvision, HF transformers, segmentation_models_pytorch or ultralytics
+            model (or any ``nn.Module`` with convolutions).
         recipe: ``None`` (the built-in default: the paper's ResNet-50 setup generalised: the
             last two stages, block 7, a quarter of the rate in the second-to-last), ``"auto"``
             (the shipped recipe for the model's family), a recipe name (``"resnet"``), a YAML
             path, a :class:`~dropblock_inject.Recipe` or :class:`~dropblock_inject.Rules`.
         input_size: ``(C, H, W)`` or ``(C, D, H, W)`` without the batch dimension.
-        example_inputs: The model's positional inputs instead of ``input_size``.
+        example_inputs: The model's positional inputs instead of ``input_size`` (a tuple, or one
+            tensor), or its keyword inputs as a dict (``{"pixel_values": x}``).
+        example_kwargs: Keyword inputs besides positional ``example_inputs``.
         drop_prob: Overrides the recipe's target rate.
         stages: Overrides the recipe's stages (an int N: the last N; a list of stage indices).
         block_size: Overrides the recipe's block size.
@@ -58,7 +62,7 @@ def plan(
 
     Raises:
         NoSitesError: No site, with what was found instead.
-        TypeError: ``model`` is not an ``nn.Module``.
+        TypeError: ``model`` is not an ``nn.Module``, or the inputs are of the wrong kind.
 
     Example:
         >>> import torchvision
@@ -70,9 +74,9 @@ def plan(
         raise TypeError(f"plan() takes an nn.Module, got {type(model).__name__}")
     base = resolve_rules(recipe, model, model_name)
     chosen = base.replace(drop_prob=drop_prob, stages=stages, block_size=block_size, **rules)
-    inputs = _example_inputs(model, input_size, example_inputs)
-    analysis = analyse(model, inputs, leaf_modules=leaf_modules)
-    size = tuple(inputs[0].shape[1:]) if isinstance(inputs[0], torch.Tensor) else ()
+    args, kwargs = _example_inputs(model, input_size, example_inputs, example_kwargs)
+    analysis = analyse(model, args, example_kwargs=kwargs, leaf_modules=leaf_modules)
+    size = input_size_of(args, kwargs)
     return make_plan(analysis, chosen, model=type(model).__name__, input_size=size, scope=_scope(model, chosen.scope))
 
 
@@ -163,16 +167,32 @@ def strip(model: nn.Module) -> nn.Module:
 
 
 def _example_inputs(
-    model: nn.Module, input_size: Sequence[int] | None, example_inputs: tuple[Any, ...] | torch.Tensor | None
-) -> tuple[Any, ...]:
-    if example_inputs is not None:
-        return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    model: nn.Module,
+    input_size: Sequence[int] | None,
+    example_inputs: tuple[Any, ...] | torch.Tensor | dict[str, Any] | None,
+    example_kwargs: dict[str, Any] | None,
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Positional and keyword inputs for the analysis: the user's, else one batch at the model's size."""
+    if example_kwargs is not None and not (isinstance(example_kwargs, dict) and all(map(_is_name, example_kwargs))):
+        what = list(example_kwargs) if isinstance(example_kwargs, dict) else type(example_kwargs).__name__
+        raise TypeError(f"keyword inputs must be a dict keyed by parameter names, got {what}")
+    if isinstance(example_inputs, dict):
+        if example_kwargs is not None:
+            raise TypeError("example_inputs is a dict of keyword inputs: pass it or example_kwargs, not both")
+        return _example_inputs(model, input_size, None, example_inputs)
+    if example_inputs is not None or example_kwargs:
+        args = () if example_inputs is None else example_inputs
+        return (args if isinstance(args, tuple) else (args,)), dict(example_kwargs or {})
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     size = tuple(input_size) if input_size is not None else _default_input_size(model)
     if len(size) not in (3, 4) or not all(isinstance(s, int) and s > 0 for s in size):
         raise DropBlockInjectError(f"input_size must be (C, H, W) or (C, D, H, W) of positive ints, got {input_size!r}")
-    return (torch.empty((2, *size), device=device),)
+    return (torch.empty((2, *size), device=device),), {}
+
+
+def _is_name(key: object) -> bool:
+    return isinstance(key, str) and key.isidentifier()
 
 
 def _default_input_size(model: nn.Module) -> tuple[int, ...]:

@@ -289,6 +289,8 @@ def _no_candidates_message(model: str, analysis: Analysis, rejected: Counter[str
         reasons = "; ".join(f"{reason} x{n}" for reason, n in rejected.most_common(4))
         what = (f"none of its {sum(rejected.values())} convolutions reaches an activation through norm layers "
                 f"only: {reasons}")  # fmt: skip
+    if analysis.model_attention:
+        what = f"no convolution sites (transformer blocks); {what}"
     hint = " Pre-activation nets (norm -> act -> conv) and conv -> act -> norm nets have no such site."
     if analysis.opaque:
         hint += (f" Could not trace or run {analysis.opaque[:3]}: pass example_inputs=(...) or "
