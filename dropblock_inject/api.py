@@ -13,7 +13,7 @@ from dropblock_inject.errors import DropBlockInjectError
 from dropblock_inject.pipeline.analyse import analyse, input_size_of
 from dropblock_inject.pipeline.plan import Plan, make_plan
 from dropblock_inject.pipeline.rewrite import apply_plan, strip_model
-from dropblock_inject.pipeline.rules import Rules
+from dropblock_inject.pipeline.rules import AUTO_SCOPES, Rules
 from dropblock_inject.pipeline.trace import LeafSpec
 from dropblock_inject.recipe import Recipe, resolve_rules
 
@@ -55,13 +55,15 @@ def plan(
         block_size: Overrides the recipe's block size.
         leaf_modules: Module classes or path patterns the tracer must not enter.
         model_name: The model's name for ``recipe="auto"`` (timm models carry theirs).
-        **rules: Any other :class:`Rules` field (``gamma``, ``include``, ``exclude``, ``overrides`` ...).
+        **rules: Any other :class:`Rules` field (``gamma``, ``include``, ``exclude``, ``overrides``,
+            ``scope`` ...).
 
     Returns:
         A :class:`~dropblock_inject.pipeline.plan.Plan`; ``print(plan)`` shows a table.
 
     Raises:
-        NoSitesError: No site, with what was found instead.
+        NoSitesError: No site, with what was found instead (also: the scope holds none).
+        DropBlockInjectError: The scope names no submodule.
         TypeError: ``model`` is not an ``nn.Module``, or the inputs are of the wrong kind.
 
     Example:
@@ -74,21 +76,28 @@ def plan(
         raise TypeError(f"plan() takes an nn.Module, got {type(model).__name__}")
     base = resolve_rules(recipe, model, model_name)
     chosen = base.replace(drop_prob=drop_prob, stages=stages, block_size=block_size, **rules)
+    scope = _scope(model, chosen.scope)
     args, kwargs = _example_inputs(model, input_size, example_inputs, example_kwargs)
     analysis = analyse(model, args, example_kwargs=kwargs, leaf_modules=leaf_modules)
     size = input_size_of(args, kwargs)
-    return make_plan(analysis, chosen, model=type(model).__name__, input_size=size, scope=_scope(model, chosen.scope))
+    return make_plan(analysis, chosen, model=type(model).__name__, input_size=size, scope=scope)
 
 
 def _scope(model: nn.Module, scope: str) -> str:
+    """The module path whose sites form the stages ("" for the whole model)."""
     if scope == "all":
         return ""
     if scope == "auto":
-        return "backbone" if isinstance(getattr(model, "backbone", None), nn.Module) else ""
+        children = dict(model.named_children())
+        return next((name for name in AUTO_SCOPES if name in children), "")
     try:
         model.get_submodule(scope)
     except AttributeError as e:
-        raise DropBlockInjectError(f"scope {scope!r} is not a submodule of {type(model).__name__}") from e
+        children = ", ".join(name for name, _ in model.named_children())
+        raise DropBlockInjectError(
+            f"scope {scope!r} is not a submodule of {type(model).__name__} (its children: {children}); "
+            f"pass a module path, 'auto' or 'all'"
+        ) from e
     return scope
 
 

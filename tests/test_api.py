@@ -126,6 +126,51 @@ class TestPlan:
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+class EncoderDecoder(nn.Module):
+    """An encoder (a ``Net`` body: 32, 16, 8 px at 64 px) and a decoder that upsamples back to 16 and 32 px,
+    with a head that has no site; the encoder's children are named as in segmentation_models_pytorch."""
+
+    def __init__(self, encoder_name: str = "encoder") -> None:
+        super().__init__()
+        net = Net()
+        self.add_module(encoder_name, nn.Sequential(net.stem, net.stage1, net.stage2, net.stage3))
+        self.encoder_name = encoder_name
+        self.decoder = nn.Sequential(nn.Upsample(scale_factor=2), Block(32), nn.Upsample(scale_factor=2), Block(32))
+        self.head = nn.Conv2d(32, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.decoder(getattr(self, self.encoder_name)(x)))
+
+
+class TestScope:
+    def test_auto_takes_the_encoder_and_numbers_its_stages(self) -> None:
+        p = dbi.plan(EncoderDecoder(), input_size=(3, 64, 64))
+        assert {s.host.split(".")[0] for s in p} == {"encoder"}
+        assert [st.feature for st in p.stages] == [(32, 32), (16, 16), (8, 8)]  # the decoder's maps are not stages
+        assert {s.stage for s in p} == {1, 2}
+        whole = dbi.plan(EncoderDecoder(), input_size=(3, 64, 64), scope="all")
+        assert {s.host.split(".")[0] for s in whole} == {"encoder", "decoder"}
+
+    def test_backbone_comes_first_and_a_path_scopes_to_that_part(self) -> None:
+        assert {s.host.split(".")[0] for s in dbi.plan(EncoderDecoder("backbone"), input_size=(3, 64, 64))} == {
+            "backbone"
+        }
+        p = dbi.plan(EncoderDecoder(), input_size=(3, 64, 64), scope="decoder")
+        assert {s.host.split(".")[0] for s in p} == {"decoder"}
+        assert [st.feature for st in p.stages] == [(16, 16), (32, 32)]
+
+    def test_a_scope_that_matches_no_module_or_holds_no_site_is_named(self) -> None:
+        with pytest.raises(dbi.DropBlockInjectError, match=r"scope 'encodr' is not a submodule .*encoder, decoder"):
+            dbi.plan(EncoderDecoder(), input_size=(3, 64, 64), scope="encodr")
+        with pytest.raises(dbi.NoSitesError, match=r"scope 'head' of EncoderDecoder holds none of its \d+ candidate"):
+            dbi.plan(EncoderDecoder(), input_size=(3, 64, 64), scope="head")
+        model = EncoderDecoder()
+        model.encoder = nn.Sequential(nn.Conv2d(3, 32, 3, stride=8, padding=1))  # no site in the encoder
+        with pytest.raises(dbi.NoSitesError, match=r"scope 'encoder' .*\(they lie in \['decoder'\]\)"):
+            dbi.inject(model, input_size=(3, 64, 64))
+        assert not injected_modules(model)
+
+
 class TestInject:
     def test_contract_after_inject(self) -> None:
         model = Net()
