@@ -15,7 +15,7 @@ from dropblock_inject.pipeline.plan import Plan, make_plan
 from dropblock_inject.pipeline.rewrite import apply_plan, strip_model
 from dropblock_inject.pipeline.rules import AUTO_SCOPES, Rules
 from dropblock_inject.pipeline.trace import LeafSpec
-from dropblock_inject.recipe import Recipe, resolve_rules
+from dropblock_inject.recipe import Recipe, attribute_path, resolve_rules
 
 __all__ = ["inject", "plan", "strip"]
 
@@ -36,8 +36,10 @@ def plan(
 ) -> Plan:
     """The sites ``inject`` would patch, without touching the model (a dry run).
 
-    Feature sizes come from fake tensors at the training resolution: ``input_size``, else timm's
-    ``pretrained_cfg["input_size"]``, else 3x224x224 (3x16x112x112 for 3-D convnets).
+    Feature sizes come from fake tensors at the training resolution: ``input_size``, else the
+    size the model states (timm's ``pretrained_cfg["input_size"]``, HF's ``config.image_size``,
+    the ``min_size`` that torchvision's detection transform resizes to, ultralytics'
+    ``args["imgsz"]``), else 3x224x224 (3x16x112x112 for 3-D convnets).
 
     Args:
         model: A timm, torchvision, HF transformers, segmentation_models_pytorch or ultralytics
@@ -205,11 +207,31 @@ def _is_name(key: object) -> bool:
 
 
 def _default_input_size(model: nn.Module) -> tuple[int, ...]:
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    if isinstance(cfg, dict) and cfg.get("input_size"):
-        return tuple(cfg["input_size"])
     first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))), None)
     channels = first.in_channels if first is not None else 3
+    for attribute, form in SIZE_ATTRIBUTES.items():
+        size = _size_from(attribute_path(model, attribute), form, channels)
+        if size:
+            return size
     if isinstance(first, nn.Conv3d):
         return (channels, 16, 112, 112)
     return (channels, 224, 224)
+
+
+# Where a model states the input size it is trained at (the first found wins), and what the value is: timm's
+# pretrained config holds (C, H, W); HF's config.image_size and ultralytics' imgsz a side or (H, W); the
+# min_size of torchvision's detection transform the sides it resizes images to (the last one in eval).
+SIZE_ATTRIBUTES = {"pretrained_cfg.input_size": "chw", "default_cfg.input_size": "chw", "config.image_size": "hw",
+                   "args.imgsz": "hw", "transform.min_size": "sides"}  # fmt: skip
+
+
+def _size_from(value: Any, form: str, channels: int) -> tuple[int, ...] | None:
+    """``(C, H, W)`` (or ``(C, D, H, W)``) from a stated size of the given form, None if it is not one."""
+    sides = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not sides or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sides):
+        return None
+    if form == "chw":
+        return tuple(sides) if len(sides) in (3, 4) else None
+    if form == "sides":
+        return (channels, sides[-1], sides[-1])
+    return (channels, sides[0], sides[-1]) if len(sides) <= 2 else None

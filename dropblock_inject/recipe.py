@@ -28,7 +28,7 @@ from torch import nn
 from dropblock_inject.errors import RecipeError
 from dropblock_inject.pipeline.rules import Rules
 
-__all__ = ["Recipe", "list_recipes", "load_recipe", "recipe_for", "resolve_rules"]
+__all__ = ["Recipe", "attribute_path", "list_recipes", "load_recipe", "recipe_for", "resolve_rules"]
 
 TOP_KEYS = {
     "base": "the name or path of a recipe this one extends",
@@ -322,6 +322,20 @@ def _str_list(path: str, key: str, value: Any) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise RecipeError(f"{path}: key {key!r} must be a list of strings, got {value!r}")
     return list(value)
+
+
+def attribute_path(obj: Any, path: str) -> Any:
+    """``obj.a.b`` for ``"a.b"``, reading dict keys too; None where a step is missing.
+
+    Example:
+        >>> attribute_path({"a": {"b": 1}}, "a.b"), attribute_path({"a": 1}, "a.c")
+        (1, None)
+    """
+    for name in path.split("."):
+        obj = obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+        if obj is None:
+            return None
+    return obj
 
 
 def recipe_for(model: nn.Module, name: str | None = None) -> Recipe:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -169,6 +170,42 @@ class TestScope:
         with pytest.raises(dbi.NoSitesError, match=r"scope 'encoder' .*\(they lie in \['decoder'\]\)"):
             dbi.inject(model, input_size=(3, 64, 64))
         assert not injected_modules(model)
+
+
+class KeywordNet(Net):
+    """A forward that takes its image by keyword only, behind ``**kwargs`` (as HF models are called)."""
+
+    def forward(self, *, pixel_values: torch.Tensor, **kwargs: object) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(pixel_values)
+
+
+class TestInputs:
+    def test_keyword_inputs_as_a_dict_or_example_kwargs(self) -> None:
+        x = torch.randn(2, 3, 48, 48)
+        for p in (dbi.plan(KeywordNet(), example_inputs={"pixel_values": x}),
+                  dbi.plan(KeywordNet(), example_kwargs={"pixel_values": x})):  # fmt: skip
+            assert p.input_size == (3, 48, 48) and str(p).startswith("DropBlock plan for KeywordNet at input 3x48x48")
+            assert [st.feature for st in p.stages] == [(24, 24), (12, 12), (6, 6)]
+        with pytest.raises(TypeError, match="not both"):
+            dbi.plan(KeywordNet(), example_inputs={"pixel_values": x}, example_kwargs={"pixel_values": x})
+        with pytest.raises(TypeError, match=r"keyword inputs must be a dict keyed by parameter names, got \[0\]"):
+            dbi.plan(KeywordNet(), example_kwargs={0: x})
+
+    @pytest.mark.parametrize(
+        ("attribute", "value", "size"),
+        [("config", SimpleNamespace(image_size=48), (3, 48, 48)),  # HF
+         ("config", SimpleNamespace(image_size=[48, 40]), (3, 48, 40)),
+         ("transform", SimpleNamespace(min_size=(32, 40)), (3, 40, 40)),  # torchvision detection: the eval size
+         ("args", {"imgsz": 96}, (3, 96, 96)),  # ultralytics
+         ("pretrained_cfg", {"input_size": (3, 56, 56)}, (3, 56, 56))],  # timm
+    )  # fmt: skip
+    def test_the_default_size_is_the_one_the_model_states(self, attribute: str, value: object, size: tuple) -> None:
+        model = Net()
+        setattr(model, attribute, value)
+        p = dbi.plan(model)
+        assert p.input_size == size
+        assert p.stages[0].feature == (size[1] // 2, size[2] // 2)
+        assert f"at input {'x'.join(map(str, size))} " in str(p)
 
 
 class TestInject:
