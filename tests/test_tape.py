@@ -164,6 +164,18 @@ class TestRecord:
         assert len(dbi.plan(DataDependentFirst(), input_size=(3, 32, 32))) > 0
         assert [r for r in runs if r != "proxy"] == ["fake", "real"]  # the fake run stopped at the branch
 
+    def test_untraceable_modules_inside_one_are_read_from_the_same_run(self) -> None:
+        runs: list[str] = []
+
+        class Counted(TfPadding):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                runs.append(type(x).__name__)
+                return super().forward(x)
+
+        model = nn.Sequential(Counted(3, 8, 2), Counted(8, 16, 2), Counted(16, 32, 2))
+        assert len(dbi.plan(model, input_size=(3, 32, 32))) == 2
+        assert [r for r in runs if r != "Proxy"] == ["FakeTensor"] * 3  # each layer ran once, in the model's run
+
 
 class TestFrameGraph:
     def test_edges_follow_tensor_identity_and_name_ops_as_a_trace_does(self) -> None:

@@ -254,18 +254,26 @@ def _analyse_module(module: nn.Module, path: str, inputs: _Inputs, ctx: _Context
             Rejected(path, "called directly by an untraceable parent (its chain is not followed)")
         )
         return
-    args = inputs.positional(module)
-    try:
-        if args is None:
-            raise TraceError(f"{path or type(module).__name__} takes keyword inputs")
-        gm = trace(module, leaf_modules=ctx.leaf_modules, path=path, num_inputs=len(args))
-        with ctx.fake_mode, _training_as(module, module.training):
-            FakeShapeProp(gm).run(*args)
-    except TraceError:
+    gm = _traced(module, path, inputs, ctx)
+    if gm is None:
         _analyse_run(module, path, inputs, ctx, frame)
         return
     ctx.result.roots.append(path or "<model>")
     _find_sites(gm, path, ctx)
+
+
+def _traced(module: nn.Module, path: str, inputs: _Inputs, ctx: _Context) -> fx.GraphModule | None:
+    """``module`` traced, every node's fake value in ``node.meta["val"]``; None where torch.fx cannot."""
+    args = inputs.positional(module)
+    if args is None:
+        return None
+    try:
+        gm = trace(module, leaf_modules=ctx.leaf_modules, path=path, num_inputs=len(args))
+        with ctx.fake_mode, _training_as(module, module.training):
+            FakeShapeProp(gm).run(*args)
+    except TraceError:
+        return None
+    return gm
 
 
 def _analyse_run(module: nn.Module, path: str, inputs: _Inputs, ctx: _Context, frame: Frame | None) -> None:

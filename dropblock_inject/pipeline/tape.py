@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.overrides import TorchFunctionMode
@@ -37,6 +38,9 @@ from dropblock_inject.pipeline.trace import LeafSpec, SurgeryTracer
 
 __all__ = ["Call", "Frame", "Tape", "TapeGraph", "frame_graph", "record"]
 
+# Normalisations: on fake tensors the recorder returns a new tensor of the input's shape instead of running them.
+_NORMS = {F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm, torch.batch_norm, torch.layer_norm,
+          torch.group_norm, torch.instance_norm}  # fmt: skip
 # Tensor methods that a trace records as the operator (``x[i]`` is ``operator.getitem`` there).
 _OPERATORS: dict[str, Callable[..., Any]] = {
     "__getitem__": operator.getitem, "__add__": operator.add, "__iadd__": operator.iadd, "__mul__": operator.mul,
@@ -137,7 +141,7 @@ def _run(
     tape: Tape, args: tuple[Any, ...], kwargs: dict[str, Any], fake_mode: FakeTensorMode | None,
     leaf_modules: Sequence[LeafSpec],
 ) -> None:  # fmt: skip
-    recorder = _Recorder(tape, leaf_modules)
+    recorder = _Recorder(tape, leaf_modules, fake=fake_mode is not None)
     saved = _ModuleState(tape.module)
     handles = recorder.attach()
     tape.root, tape.error = None, ""
@@ -180,12 +184,13 @@ class _ModuleState:
 class _Recorder(TorchFunctionMode):
     """Hooks and a function mode that write the calls of one run into frames."""
 
-    def __init__(self, tape: Tape, leaf_modules: Sequence[LeafSpec]) -> None:
+    def __init__(self, tape: Tape, leaf_modules: Sequence[LeafSpec], fake: bool) -> None:
         super().__init__()
-        self.tape, self.tracer = tape, SurgeryTracer(leaf_modules)
+        self.tape, self.tracer, self.fake = tape, SurgeryTracer(leaf_modules), fake
         self.paths = {id(m): name for name, m in tape.module.named_modules()}
         self.frames: list[Frame] = []
-        self.stack: list[tuple[str, Call]] = []  # (leaf | container | frame | inside (a leaf), the call)
+        # (leaf | container | frame | inside (a leaf), the call, the exception being handled when it began)
+        self.stack: list[tuple[str, Call, BaseException | None]] = []
         self.in_leaf = 0
 
     def attach(self) -> list[Any]:
@@ -215,17 +220,19 @@ class _Recorder(TorchFunctionMode):
             else:
                 self.tape.root = call.frame
             self.frames.append(call.frame)
-        self.stack.append((kind, call))
+        self.stack.append((kind, call, sys.exc_info()[1]))
 
     def _after(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        kind, call = self.stack.pop()
+        kind, call, handled = self.stack.pop()
         call.output = output
         self.in_leaf -= kind in ("inside", "leaf")
         if kind == "leaf":
             self._add(call)
         elif kind == "frame":
+            # After an error, torch runs this hook in its except block: a new exception is the one raised inside.
+            raised = sys.exc_info()[1]
             frame = self.frames.pop()
-            frame.output, frame.stopped = output, sys.exc_info()[0] is not None  # hooks run in the except block
+            frame.output, frame.stopped = output, raised is not None and raised is not handled
 
     def _add(self, call: Call) -> None:
         if self.frames and (call.op == "call_module" or _has_tensor(call.output)):
@@ -235,7 +242,8 @@ class _Recorder(TorchFunctionMode):
         self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         kwargs = kwargs or {}
-        output = func(*args, **kwargs)
+        # a norm keeps its input's shape, and on fake tensors it costs more than a convolution
+        output = torch.empty_like(args[0]) if self.fake and func in _NORMS else func(*args, **kwargs)
         if not self.in_leaf and self.frames:
             op, target = _function_target(func)
             self._add(Call(op, target, args, kwargs, output))
