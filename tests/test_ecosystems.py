@@ -146,6 +146,14 @@ class TestTransformers:
         depth = len(next(iter(parts)).split("."))
         assert _parts(plan, depth) == parts
 
+    def test_a_transformer_has_no_convolution_site_and_says_so(self) -> None:
+        import transformers as hf
+
+        config = hf.SwinConfig(image_size=64, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4)
+        with pytest.raises(dbi.NoSitesError, match=r"no convolution sites \(transformer blocks\)") as exc:
+            dbi.plan(hf.SwinForImageClassification(config))
+        assert "trace" not in str(exc.value)  # its decorated forwards ran: nothing was left unread
+
     def test_the_default_size_is_config_image_size(self) -> None:
         plan = dbi.plan(self.build("ConvNextForImageClassification"))  # a positional tensor at config.image_size
         assert plan.input_size == (3, 64, 64) and [st.feature for st in plan.stages][-1] == (2, 2)
