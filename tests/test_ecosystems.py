@@ -20,6 +20,7 @@ import torchvision
 from torch import nn
 
 import dropblock_inject as dbi
+from conftest import output_tensors
 from dropblock_inject.pipeline.markers import dropblock_hook
 from dropblock_inject.pipeline.rewrite import injected_modules
 
@@ -27,7 +28,7 @@ from dropblock_inject.pipeline.rewrite import injected_modules
 def check_contract(model: nn.Module, inputs: dict[str, Any], capfd: pytest.CaptureFixture[str], **kw: Any) -> dbi.Plan:
     """Plan and inject ``model`` (rules ``kw``), then hold it to the contract on ``inputs`` (keyword inputs)."""
     with torch.no_grad():
-        reference = _tensors(model.eval()(**inputs))
+        reference = output_tensors(model.eval()(**inputs))
     keys = list(model.state_dict())
     capfd.readouterr()
     with warnings.catch_warnings(record=True) as caught:
@@ -38,14 +39,14 @@ def check_contract(model: nn.Module, inputs: dict[str, Any], capfd: pytest.Captu
     assert not [str(w.message) for w in caught], "plan/inject warned"
     assert list(model.state_dict()) == keys and len(injected_modules(model)) == len({s.host for s in plan})
     with torch.no_grad():
-        ours = _tensors(model.eval()(**inputs))
+        ours = output_tensors(model.eval()(**inputs))
     assert len(ours) == len(reference) and all(map(torch.equal, ours, reference)), "eval output changed"
     dropped: list[float] = []
     for db in injected_modules(model):
         db.register_forward_hook(lambda m, a, out: dropped.append(float((out == 0).float().mean())))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     before = [p.detach().clone() for p in model.parameters()]
-    sum(t.float().square().mean() for t in _tensors(model.train()(**inputs)) if t.is_floating_point()).backward()
+    sum(t.float().square().mean() for t in output_tensors(model.train()(**inputs)) if t.is_floating_point()).backward()
     optimizer.step()
     # p=0.1 at the full rate: the maps before a DropBlock have no exact zeros of their own (BN in train mode)
     assert max(dropped) > 0.01, "no DropBlock dropped anything in train mode"
@@ -54,16 +55,6 @@ def check_contract(model: nn.Module, inputs: dict[str, Any], capfd: pytest.Captu
     assert list(model.state_dict()) == keys and not injected_modules(model)
     assert not any(hook is dropblock_hook for m in model.modules() for hook in m._forward_hooks.values())
     return plan
-
-
-def _tensors(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _tensors(v)]
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _tensors(v)]
-    return []
 
 
 def _parts(plan: dbi.Plan, depth: int) -> set[str]:
