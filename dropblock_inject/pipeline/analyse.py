@@ -17,13 +17,12 @@ trace are analysed as traced graphs, those that do not through their own frames 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import operator
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -45,7 +44,7 @@ from dropblock_inject.pipeline.layers import (
 )
 from dropblock_inject.pipeline.markers import hosted_dropblock, is_injected
 from dropblock_inject.pipeline.tape import Frame, TapeGraph, frame_graph, record
-from dropblock_inject.pipeline.trace import LeafSpec, describe_target, node_module, trace
+from dropblock_inject.pipeline.trace import LeafSpec, describe_target, node_module, positional_inputs, trace
 
 __all__ = ["Analysis", "Candidate", "Kind", "Rejected", "Role", "analyse", "input_size_of"]
 
@@ -173,7 +172,14 @@ def analyse(
 
 def input_size_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...]:
     """The size of one input, ``(C, H, W)`` or ``(C, D, H, W)``: of the first tensor (a batch), or of the
-    first image of a list of images (torchvision detection); ``()`` without a tensor."""
+    first image of a list of images (torchvision detection); ``()`` without a tensor.
+
+    Example:
+        >>> input_size_of((), {"pixel_values": torch.empty(2, 3, 64, 48)})
+        (3, 64, 48)
+        >>> input_size_of(([torch.empty(3, 32, 32)],), {})  # a list of images
+        (3, 32, 32)
+    """
     for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor):
             return tuple(value.shape[1:])
@@ -215,26 +221,11 @@ def _to_fake(fake_mode: FakeTensorMode, value: Any) -> Any:
     return value
 
 
-@dataclass
-class _Inputs:
+class _Inputs(NamedTuple):
     """A module's inputs: positional and keyword."""
 
     args: tuple[Any, ...]
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-    def positional(self, module: nn.Module) -> tuple[Any, ...] | None:
-        """The inputs as ``forward``'s leading positional parameters, or None when the keywords name others."""
-        if not self.kwargs:
-            return self.args
-        try:
-            params = list(inspect.signature(module.forward).parameters.values())
-        except (TypeError, ValueError):
-            return None
-        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        names = [p.name for p in params if p.kind in kinds][len(self.args) : len(self.args) + len(self.kwargs)]
-        if set(names) != set(self.kwargs):
-            return None
-        return self.args + tuple(self.kwargs[n] for n in names)
+    kwargs: dict[str, Any]
 
 
 @dataclass
@@ -264,7 +255,7 @@ def _analyse_module(module: nn.Module, path: str, inputs: _Inputs, ctx: _Context
 
 def _traced(module: nn.Module, path: str, inputs: _Inputs, ctx: _Context) -> fx.GraphModule | None:
     """``module`` traced, every node's fake value in ``node.meta["val"]``; None where torch.fx cannot."""
-    args = inputs.positional(module)
+    args = positional_inputs(module, inputs.args, inputs.kwargs)
     if args is None:
         return None
     try:

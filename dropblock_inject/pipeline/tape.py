@@ -21,6 +21,7 @@ hooks) is undone.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -124,6 +125,13 @@ def record(
         raises after some submodules ran (a data-dependent op on fake tensors, as in detection
         heads) keeps the calls made so far, and ``tape.error`` says what stopped it; one that
         stops before any submodule runs is run again on real tensors of the same shapes.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+        >>> mode = FakeTensorMode(allow_non_fake_inputs=True)
+        >>> tape = record(net, (mode.from_tensor(torch.randn(1, 3, 8, 8)),), {}, mode)
+        >>> [(call.op, call.target, tuple(call.output.shape)) for call in tape.root.calls]
+        [('call_module', '0', (1, 8, 6, 6)), ('call_module', '1', (1, 8, 6, 6)), ('call_module', '2', (1, 8, 6, 6))]
     """
     tape = Tape(module, path)
     _run(tape, args, kwargs, fake_mode, leaf_modules)
@@ -146,7 +154,7 @@ def _run(
     handles = recorder.attach()
     tape.root, tape.error = None, ""
     try:
-        with torch.no_grad(), fake_mode or _no_mode(), recorder:
+        with torch.no_grad(), fake_mode or contextlib.nullcontext(), recorder:
             tape.module.eval()
             tape.module(*args, **kwargs)
     except Exception as e:
@@ -155,14 +163,6 @@ def _run(
         for handle in handles:
             handle.remove()
         saved.restore()
-
-
-class _no_mode:  # noqa: N801 - used as a context manager
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 class _ModuleState:
