@@ -251,6 +251,13 @@ class TestSites:
         assert list(model.state_dict()) == keys and not injected_modules(model)
         assert not any(m._forward_hooks for m in model.modules())
 
+    def test_a_second_inject_finds_its_sites_patched(self) -> None:
+        model = dbi.inject(Looped(), input_size=(3, 32, 32))
+        hosts = sorted(s.host for s in dbi.plan(model, input_size=(3, 32, 32)))
+        assert {s.status for s in dbi.plan(model, input_size=(3, 32, 32))} == {"patched"}
+        dbi.inject(model, input_size=(3, 32, 32))
+        assert len(injected_modules(model)) == len(hosts) == 3  # no second DropBlock on any host
+
 
 def _equal(a: Any, b: Any) -> bool:
     if isinstance(a, dict):
