@@ -16,7 +16,7 @@ from torch import nn
 
 import dropblock_inject as dbi
 from dropblock_inject.finetune import FinetuneConfig, Reporter, finetune
-from dropblock_inject.recipe import TOP_KEYS, model_names
+from dropblock_inject.recipe import TOP_KEYS
 
 
 def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
@@ -77,6 +77,8 @@ class TestShippedRecipes:
          ("my_models", {"name": "u-resnet34", "config": Namespace(model_type="resnet")}, [], "default")],
     )  # fmt: skip
     def test_auto_by_hf_model_type_and_smp_encoder(self, module, attributes, names, expected) -> None:
+        from dropblock_inject.recipe import model_names
+
         model = type("Model", (nn.Module,), {"__module__": module})()
         for key, value in attributes.items():
             setattr(model, key, value)
