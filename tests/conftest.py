@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,3 +29,14 @@ def is_union_of_blocks(dropped: torch.Tensor, block: tuple[int, ...]) -> bool:
     full = -pool(-dropped, block, stride=1)
     pad = [p for k in reversed(block) for p in (k - 1, k - 1)]
     return torch.equal(pool(F.pad(full, pad), block, stride=1), dropped)
+
+
+def output_tensors(out: Any) -> list[torch.Tensor]:
+    """Every tensor in a model's output (nested dicts, lists, tuples, HF model outputs), in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in output_tensors(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in output_tensors(v)]
+    return []

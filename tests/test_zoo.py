@@ -30,6 +30,7 @@ import torchvision
 from torch import nn
 
 import dropblock_inject as dbi
+from conftest import output_tensors
 from dropblock_inject.pipeline.rewrite import injected_modules
 
 TIMM_FAMILIES = [
@@ -119,16 +120,6 @@ EXPECTED: dict[str, int | str] = {
 }  # fmt: skip
 
 
-def _outputs(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _outputs(v)]
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _outputs(v)]
-    return []
-
-
 def _train_loss(case: Case, model: nn.Module, inputs: tuple[Any, ...]) -> torch.Tensor:
     model.train()
     if case.kind == "detection":
@@ -139,11 +130,11 @@ def _train_loss(case: Case, model: nn.Module, inputs: tuple[Any, ...]) -> torch.
             if "mask" in case.name:
                 target["masks"] = torch.zeros(1, 128, 128, dtype=torch.uint8)
         return sum(_train_losses(model(*inputs, targets)))
-    return sum(t.float().square().mean() for t in _outputs(model(*inputs)) if t.is_floating_point())
+    return sum(t.float().square().mean() for t in output_tensors(model(*inputs)) if t.is_floating_point())
 
 
 def _train_losses(out: Any) -> list[torch.Tensor]:
-    return list(out.values()) if isinstance(out, dict) else _outputs(out)
+    return list(out.values()) if isinstance(out, dict) else output_tensors(out)
 
 
 def check(case: Case, capfd: pytest.CaptureFixture[str] | None = None) -> dict[str, Any]:
@@ -176,7 +167,7 @@ def check(case: Case, capfd: pytest.CaptureFixture[str] | None = None) -> dict[s
                stages=",".join(str(s) for s in sorted({s.stage for s in plan})) + f"/{len(plan.stages)}")  # fmt: skip
     assert list(model.state_dict()) == keys
     with torch.no_grad():
-        ours, theirs = _outputs(model.eval()(*inputs)), _outputs(reference(*inputs))
+        ours, theirs = output_tensors(model.eval()(*inputs)), output_tensors(reference(*inputs))
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs)), "eval output changed"
     _check_fx(case, model, reference, inputs)
     _train_loss(case, reference, inputs).backward()

@@ -25,7 +25,7 @@ from dropblock_inject.pipeline.layers import (
     leaf_module_types,
 )
 
-__all__ = ["LeafSpec", "SurgeryTracer", "trace"]
+__all__ = ["LeafSpec", "SurgeryTracer", "positional_inputs", "trace"]
 
 LeafSpec = type[nn.Module] | str  # a module class, or an fnmatch pattern over module paths
 
@@ -105,8 +105,29 @@ def _defaults_after(module: nn.Module, num_inputs: int | None) -> dict[str, Any]
     return {p.name: p.default for p in rest}
 
 
-def node_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    """The module a ``call_module`` node calls, else None."""
+def positional_inputs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
+    """``args`` and ``kwargs`` as the leading positional parameters of ``forward`` (what a trace takes), or None
+    when the keywords are not the parameters right after ``args`` (then the module is not traced).
+
+    Example:
+        >>> positional_inputs(nn.Conv2d(3, 8, 3), (), {"input": 1})
+        (1,)
+    """
+    if not kwargs:
+        return args
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [p.name for p in params if p.kind in kinds][len(args) : len(args) + len(kwargs)]
+    if set(names) != set(kwargs):
+        return None
+    return args + tuple(kwargs[n] for n in names)
+
+
+def node_module(gm: fx.GraphModule | Any, node: fx.Node) -> nn.Module | None:
+    """The module a ``call_module`` node calls, else None (``gm``: anything with ``get_submodule``)."""
     if node.op != "call_module":
         return None
     return gm.get_submodule(str(node.target))
