@@ -16,7 +16,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("DropBlockCallback needs Lightning: pip install 'dropblock-inject[lightning]'") from e
 
-from dropblock_inject.schedule import DropBlockSchedule
+from dropblock_inject.schedule import DropBlockSchedule, check_ramp, run_schedule
 
 __all__ = ["DropBlockCallback"]
 
@@ -42,15 +42,15 @@ class DropBlockCallback(Callback):
         start: float = 0.0,
         log_name: str | None = "dropblock/rate",
     ) -> None:
+        check_ramp(total_steps, warmup_steps=warmup_steps, kind=kind, start=start)
         self.total_steps, self.warmup_steps, self.kind, self.start = total_steps, warmup_steps, kind, start
         self.log_name = log_name
         self.schedule: DropBlockSchedule | None = None
         self._pending_state: dict[str, Any] | None = None
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        total = self.total_steps or max(int(trainer.estimated_stepping_batches), 1)
-        self.schedule = DropBlockSchedule(pl_module, total, warmup_steps=min(self.warmup_steps, total - 1),
-                                          kind=self.kind, start=self.start)  # fmt: skip
+        total = self.total_steps or int(trainer.estimated_stepping_batches)
+        self.schedule = run_schedule(pl_module, total, warmup_steps=self.warmup_steps, kind=self.kind, start=self.start)
         if self._pending_state is not None:
             self.schedule.load_state_dict(self._pending_state)
 
