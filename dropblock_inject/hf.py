@@ -24,13 +24,13 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 from torch import nn
 
 from dropblock_inject.api import inject
+from dropblock_inject.callbacks import InjectingCallback
 from dropblock_inject.op.module import DropBlock
-from dropblock_inject.schedule import DropBlockSchedule, check_ramp, run_schedule
 
 __all__ = ["DropBlockCallback"]
 
 
-class DropBlockCallback(TrainerCallback, ExportableState):
+class DropBlockCallback(InjectingCallback, TrainerCallback, ExportableState):
     """Inject DropBlock when training begins, ramp its rate per optimizer step, log it, and resume it.
 
     At ``on_train_begin`` the callback patches the trainer's model with
@@ -78,26 +78,8 @@ class DropBlockCallback(TrainerCallback, ExportableState):
         [0.013, 0.013, 0.05]
     """
 
-    def __init__(
-        self,
-        recipe: Any = None,
-        *,
-        total_steps: int | None = None,
-        warmup_steps: int = 0,
-        kind: Any = "linear",
-        start: float = 0.0,
-        log_name: str | None = "dropblock/rate",
-        **inject_kwargs: Any,
-    ) -> None:
-        check_ramp(total_steps, warmup_steps=warmup_steps, kind=kind, start=start)
-        if log_name is not None and not isinstance(log_name, str):
-            raise TypeError(f"log_name must be a str or None, got {type(log_name).__name__}")
-        self.recipe, self.inject_kwargs = recipe, inject_kwargs
-        self.total_steps, self.warmup_steps, self.kind, self.start = total_steps, warmup_steps, kind, start
-        self.log_name = log_name
-        self.schedule: DropBlockSchedule | None = None
-        self.unsaved_args: list[str] = []  # set on a callback the Trainer rebuilt from a checkpoint
-        self._patched: nn.Module | None = None
+    unsaved_args: tuple[str, ...] = ()  # set on a callback that the Trainer rebuilt from a checkpoint
+    _patched: nn.Module | None = None  # the model this callback patched
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kw: Any) -> None:
         if model is None:
@@ -109,8 +91,7 @@ class DropBlockCallback(TrainerCallback, ExportableState):
                 f"before building the Trainer, or resume with restore_callback_states_from_checkpoint=False"
             )
         self._patch(model)
-        self.schedule = run_schedule(model, self.total_steps or state.max_steps, warmup_steps=self.warmup_steps,
-                                     kind=self.kind, start=self.start)  # fmt: skip
+        self.build_schedule(model, state.max_steps)
         saved = _saved_schedule(state, type(self).__name__) if state.global_step > 0 else None
         if saved is not None:
             self.schedule.load_state_dict(saved)  # the resumed run keeps the saved ramp
@@ -123,19 +104,17 @@ class DropBlockCallback(TrainerCallback, ExportableState):
             self.schedule.step_update(state.global_step)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
-        if self.schedule is None or self.log_name is None or logs is None or "loss" not in logs:
+        rate = self.mean_rate()
+        if rate is None or self.log_name is None or logs is None or "loss" not in logs:
             return
-        rates = self.schedule.rates()
-        logs[self.log_name] = sum(rates) / len(rates)
+        logs[self.log_name] = rate
         record = state.log_history[-1] if state.log_history else None
         if record is not None and record.get("step") == state.global_step and "loss" in record:
             record[self.log_name] = logs[self.log_name]  # the Trainer copied logs into its history before on_log
 
     def state(self) -> dict[str, Any]:
         """What ``transformers`` saves in ``trainer_state.json``: the JSON-safe arguments and the schedule."""
-        given = {"recipe": self.recipe, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
-                 "kind": self.kind, "start": self.start, "log_name": self.log_name, **self.inject_kwargs}  # fmt: skip
-        saved = {k: _plain(v) for k, v in given.items()}
+        saved = {k: _plain(v) for k, v in self.settings().items()}
         unsaved = sorted(k for k, v in saved.items() if v is _NOT_JSON)
         schedule = self.schedule.state_dict() if self.schedule is not None else None
         return {

@@ -125,6 +125,12 @@ class TestDropBlockCallback:
         assert saved["attributes"]["saved_schedule"]["total_steps"] == STEPS
         assert saved["args"]["input_size"] == list(SIZE)
 
+    def test_the_saved_weights_load_into_the_plain_model(self, whole_run, capfd) -> None:
+        tmp_path, *_ = whole_run
+        plain = transformers.ResNetForImageClassification.from_pretrained(str(tmp_path / "checkpoint-6"))
+        assert not any(isinstance(m, dbi.DropBlock) for m in plain.modules())
+        assert capfd.readouterr().err == ""  # no missing or unexpected keys reported
+
     def test_reporters_see_the_rate_when_the_callback_comes_first(self, tmp_path) -> None:
         class Reporter(transformers.TrainerCallback):  # as report_to integrations do: log what on_log gets
             def __init__(self) -> None:
