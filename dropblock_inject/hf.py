@@ -51,13 +51,10 @@ class DropBlockCallback(InjectingCallback, TrainerCallback, ExportableState):
 
     Args:
         recipe: The rules of :func:`~dropblock_inject.plan` (``None``: the default rules).
-        total_steps: Steps of the ramp; default: the run's ``max_steps`` (the paper: the whole run).
-        warmup_steps: Steps at the start rate before the ramp (cut to fit a shorter run).
-        kind: ``"linear"``, ``"cosine"``, ``"constant"`` or a callable ``step -> progress``.
-        start: Drop rate at progress 0.
-        log_name: The name the mean rate is logged under (``None``: do not log it).
-        **inject_kwargs: Keyword arguments of :func:`~dropblock_inject.inject` (``drop_prob``,
-            ``input_size``, ``stages`` ...).
+        **kwargs: Ramp settings (``total_steps``, default the run's ``max_steps``;
+            ``warmup_steps``, ``kind``, ``start``, ``log_name``: see
+            :class:`~dropblock_inject.callbacks.RampCallback`) and keyword arguments of
+            :func:`~dropblock_inject.inject` (``drop_prob``, ``input_size``, ``stages`` ...).
 
     Raises:
         ValueError: A schedule setting out of range (at once); at ``on_train_begin``, a model
