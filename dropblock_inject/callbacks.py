@@ -1,4 +1,4 @@
-"""What the trainer integrations (``hf``, ``ultralytics``) share: what to inject and how to ramp it."""
+"""What the trainer integrations (lightning, hf, ultralytics) share: the ramp, its schedule, what to inject."""
 
 from __future__ import annotations
 
