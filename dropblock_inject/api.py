@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 from dropblock_inject.errors import DropBlockInjectError
-from dropblock_inject.pipeline.analyse import analyse
+from dropblock_inject.pipeline.analyse import analyse, input_size_of
 from dropblock_inject.pipeline.plan import Plan, make_plan
 from dropblock_inject.pipeline.rewrite import apply_plan, strip_model
-from dropblock_inject.pipeline.rules import Rules
+from dropblock_inject.pipeline.rules import AUTO_SCOPES, Rules
 from dropblock_inject.pipeline.trace import LeafSpec
-from dropblock_inject.recipe import Recipe, resolve_rules
+from dropblock_inject.recipe import Recipe, attribute_path, resolve_rules
 
 __all__ = ["inject", "plan", "strip"]
 
@@ -25,7 +25,8 @@ def plan(
     recipe: Recipe | Rules | str | Path | None = None,
     *,
     input_size: Sequence[int] | None = None,
-    example_inputs: tuple[Any, ...] | torch.Tensor | None = None,
+    example_inputs: tuple[Any, ...] | torch.Tensor | dict[str, Any] | None = None,
+    example_kwargs: dict[str, Any] | None = None,
     drop_prob: float | None = None,
     stages: int | list[int] | None = None,
     block_size: int | tuple[int, ...] | None = None,
@@ -35,30 +36,37 @@ def plan(
 ) -> Plan:
     """The sites ``inject`` would patch, without touching the model (a dry run).
 
-    Feature sizes come from fake tensors at the training resolution: ``input_size``, else timm's
-    ``pretrained_cfg["input_size"]``, else 3x224x224 (3x16x112x112 for 3-D convnets).
+    Feature sizes come from fake tensors at the training resolution: ``input_size``, else the
+    size the model states (timm's ``pretrained_cfg["input_size"]``, HF's ``config.image_size``,
+    the ``min_size`` that torchvision's detection transform resizes to, ultralytics'
+    ``args["imgsz"]``), else 3x224x224 (3x16x112x112 for 3-D convnets).
 
     Args:
-        model: A timm or torchvision model (or any ``nn.Module`` with convolutions).
+        model: A timm, torchvision, HF transformers, segmentation_models_pytorch or ultralytics
+            model (or any ``nn.Module`` with convolutions).
         recipe: ``None`` (the built-in default: the paper's ResNet-50 setup generalised: the
             last two stages, block 7, a quarter of the rate in the second-to-last), ``"auto"``
             (the shipped recipe for the model's family), a recipe name (``"resnet"``), a YAML
             path, a :class:`~dropblock_inject.Recipe` or :class:`~dropblock_inject.Rules`.
         input_size: ``(C, H, W)`` or ``(C, D, H, W)`` without the batch dimension.
-        example_inputs: The model's positional inputs instead of ``input_size``.
+        example_inputs: The model's positional inputs instead of ``input_size`` (a tuple, or one
+            tensor), or its keyword inputs as a dict (``{"pixel_values": x}``).
+        example_kwargs: Keyword inputs besides positional ``example_inputs``.
         drop_prob: Overrides the recipe's target rate.
         stages: Overrides the recipe's stages (an int N: the last N; a list of stage indices).
         block_size: Overrides the recipe's block size.
         leaf_modules: Module classes or path patterns the tracer must not enter.
         model_name: The model's name for ``recipe="auto"`` (timm models carry theirs).
-        **rules: Any other :class:`Rules` field (``gamma``, ``include``, ``exclude``, ``overrides`` ...).
+        **rules: Any other :class:`Rules` field (``gamma``, ``include``, ``exclude``, ``overrides``,
+            ``scope`` ...).
 
     Returns:
         A :class:`~dropblock_inject.pipeline.plan.Plan`; ``print(plan)`` shows a table.
 
     Raises:
-        NoSitesError: No site, with what was found instead.
-        TypeError: ``model`` is not an ``nn.Module``.
+        NoSitesError: No site, with what was found instead (also: the scope holds none).
+        DropBlockInjectError: The scope names no submodule.
+        TypeError: ``model`` is not an ``nn.Module``, or the inputs are of the wrong kind.
 
     Example:
         >>> import torchvision
@@ -70,21 +78,28 @@ def plan(
         raise TypeError(f"plan() takes an nn.Module, got {type(model).__name__}")
     base = resolve_rules(recipe, model, model_name)
     chosen = base.replace(drop_prob=drop_prob, stages=stages, block_size=block_size, **rules)
-    inputs = _example_inputs(model, input_size, example_inputs)
-    analysis = analyse(model, inputs, leaf_modules=leaf_modules)
-    size = tuple(inputs[0].shape[1:]) if isinstance(inputs[0], torch.Tensor) else ()
-    return make_plan(analysis, chosen, model=type(model).__name__, input_size=size, scope=_scope(model, chosen.scope))
+    scope = _scope(model, chosen.scope)
+    args, kwargs = _example_inputs(model, input_size, example_inputs, example_kwargs)
+    analysis = analyse(model, args, example_kwargs=kwargs, leaf_modules=leaf_modules)
+    size = input_size_of(args, kwargs)
+    return make_plan(analysis, chosen, model=type(model).__name__, input_size=size, scope=scope)
 
 
 def _scope(model: nn.Module, scope: str) -> str:
+    """The module path whose sites form the stages ("" for the whole model)."""
     if scope == "all":
         return ""
     if scope == "auto":
-        return "backbone" if isinstance(getattr(model, "backbone", None), nn.Module) else ""
+        children = dict(model.named_children())
+        return next((name for name in AUTO_SCOPES if name in children), "")
     try:
         model.get_submodule(scope)
     except AttributeError as e:
-        raise DropBlockInjectError(f"scope {scope!r} is not a submodule of {type(model).__name__}") from e
+        children = ", ".join(name for name, _ in model.named_children())
+        raise DropBlockInjectError(
+            f"scope {scope!r} is not a submodule of {type(model).__name__} (its children: {children}); "
+            f"pass a module path, 'auto' or 'all'"
+        ) from e
     return scope
 
 
@@ -163,24 +178,60 @@ def strip(model: nn.Module) -> nn.Module:
 
 
 def _example_inputs(
-    model: nn.Module, input_size: Sequence[int] | None, example_inputs: tuple[Any, ...] | torch.Tensor | None
-) -> tuple[Any, ...]:
-    if example_inputs is not None:
-        return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    model: nn.Module,
+    input_size: Sequence[int] | None,
+    example_inputs: tuple[Any, ...] | torch.Tensor | dict[str, Any] | None,
+    example_kwargs: dict[str, Any] | None,
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Positional and keyword inputs for the analysis: the user's, else one batch at the model's size."""
+    if example_kwargs is not None and not (isinstance(example_kwargs, dict) and all(map(_is_name, example_kwargs))):
+        what = list(example_kwargs) if isinstance(example_kwargs, dict) else type(example_kwargs).__name__
+        raise TypeError(f"keyword inputs must be a dict keyed by parameter names, got {what}")
+    if isinstance(example_inputs, dict):
+        if example_kwargs is not None:
+            raise TypeError("example_inputs is a dict of keyword inputs: pass it or example_kwargs, not both")
+        return _example_inputs(model, input_size, None, example_inputs)
+    if example_inputs is not None or example_kwargs:
+        args = () if example_inputs is None else example_inputs
+        return (args if isinstance(args, tuple) else (args,)), dict(example_kwargs or {})
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     size = tuple(input_size) if input_size is not None else _default_input_size(model)
     if len(size) not in (3, 4) or not all(isinstance(s, int) and s > 0 for s in size):
         raise DropBlockInjectError(f"input_size must be (C, H, W) or (C, D, H, W) of positive ints, got {input_size!r}")
-    return (torch.empty((2, *size), device=device),)
+    return (torch.empty((2, *size), device=device),), {}
+
+
+def _is_name(key: object) -> bool:
+    return isinstance(key, str) and key.isidentifier()
 
 
 def _default_input_size(model: nn.Module) -> tuple[int, ...]:
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    if isinstance(cfg, dict) and cfg.get("input_size"):
-        return tuple(cfg["input_size"])
     first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))), None)
     channels = first.in_channels if first is not None else 3
+    for attribute, form in SIZE_ATTRIBUTES.items():
+        size = _size_from(attribute_path(model, attribute), form, channels)
+        if size:
+            return size
     if isinstance(first, nn.Conv3d):
         return (channels, 16, 112, 112)
     return (channels, 224, 224)
+
+
+# Where a model states the input size it is trained at (the first found wins), and what the value is: timm's
+# pretrained config holds (C, H, W); HF's config.image_size and ultralytics' imgsz a side or (H, W); the
+# min_size of torchvision's detection transform the sides it resizes images to (the last one in eval).
+SIZE_ATTRIBUTES = {"pretrained_cfg.input_size": "chw", "default_cfg.input_size": "chw", "config.image_size": "hw",
+                   "args.imgsz": "hw", "transform.min_size": "sides"}  # fmt: skip
+
+
+def _size_from(value: Any, form: str, channels: int) -> tuple[int, ...] | None:
+    """``(C, H, W)`` (or ``(C, D, H, W)``) from a stated size of the given form, None if it is not one."""
+    sides = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not sides or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sides):
+        return None
+    if form == "chw":
+        return tuple(sides) if len(sides) in (3, 4) else None
+    if form == "sides":
+        return (channels, sides[-1], sides[-1])
+    return (channels, sides[0], sides[-1]) if len(sides) <= 2 else None

@@ -28,11 +28,11 @@ from torch import nn
 from dropblock_inject.errors import RecipeError
 from dropblock_inject.pipeline.rules import Rules
 
-__all__ = ["Recipe", "list_recipes", "load_recipe", "recipe_for", "resolve_rules"]
+__all__ = ["Recipe", "attribute_path", "list_recipes", "load_recipe", "model_names", "recipe_for", "resolve_rules"]
 
 TOP_KEYS = {
     "base": "the name or path of a recipe this one extends",
-    "match": "a mapping with 'models' (fnmatch patterns of timm or torchvision model names) and 'classes'",
+    "match": "a mapping with 'models' (fnmatch patterns of model names: timm, tv:, hf:, smp:) and 'classes'",
     "drop_prob": "a float in [0, 1] (or give keep_prob)",
     "keep_prob": "a float in [0, 1], the paper's keep probability (1 - drop_prob)",
     "stages": "an int (the last N stages), a list of stage indices, or a mapping with 'indices', 'strides', 'modules'",
@@ -58,7 +58,8 @@ class Recipe:
     Attributes:
         name: The file's stem (``resnet`` for ``resnet.yaml``).
         rules: The rules it sets.
-        models: fnmatch patterns of the model names it is for (timm names, ``tv:<builder>``).
+        models: fnmatch patterns of the model names it is for (timm names, ``tv:<builder>``,
+            ``hf:<config.model_type>``, ``smp:<architecture>-<encoder>``; see :func:`model_names`).
         classes: Class names it is for (``ResNet`` or ``torchvision.models.resnet.ResNet``).
         schedule: ``{"kind": ..., "warmup_fraction": ...}``.
         description: The comment block at the top of the file (which paper or reference it follows).
@@ -324,14 +325,57 @@ def _str_list(path: str, key: str, value: Any) -> list[str]:
     return list(value)
 
 
+# The names a model carries, as (the package its class comes from, a prefix, an attribute path): timm's
+# architecture; HF's config.model_type and that of its backbone config (UperNet); segmentation_models_pytorch's
+# name, "<architecture>-<encoder>" (u-resnet34, fpn-tu-convnext_tiny).
+MODEL_NAMES = (
+    ("", "", "pretrained_cfg.architecture"),
+    ("transformers.", "hf:", "config.model_type"),
+    ("transformers.", "hf:", "config.backbone_config.model_type"),
+    ("segmentation_models_pytorch.", "smp:", "name"),
+)
+
+
+def model_names(model: nn.Module) -> list[str]:
+    """The names ``recipe="auto"`` matches a model by (``resnet50``, ``hf:convnext``, ``smp:u-resnet34``).
+
+    Example:
+        >>> import timm
+        >>> model_names(timm.create_model("resnet18"))
+        ['resnet18']
+    """
+    package = type(model).__module__ + "."
+    names = []
+    for package_prefix, prefix, attribute in MODEL_NAMES:
+        value = attribute_path(model, attribute)
+        if package.startswith(package_prefix) and isinstance(value, str) and value:
+            names.append(prefix + value)
+    return names
+
+
+def attribute_path(obj: Any, path: str) -> Any:
+    """``obj.a.b`` for ``"a.b"``, reading dict keys too; None where a step is missing.
+
+    Example:
+        >>> attribute_path({"a": {"b": 1}}, "a.b"), attribute_path({"a": 1}, "a.c")
+        (1, None)
+    """
+    for name in path.split("."):
+        obj = obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+        if obj is None:
+            return None
+    return obj
+
+
 def recipe_for(model: nn.Module, name: str | None = None) -> Recipe:
     """The shipped recipe for ``model``'s family, else ``default``.
 
-    Matches the model name (``name``, else timm's ``pretrained_cfg["architecture"]``) against each
-    recipe's ``match.models`` and the model's class against ``match.classes``; a name match beats
-    a class match, then the most specific pattern (fewest wildcards, then longest) wins.
+    Matches the model's names (``name``, and those it carries: timm's architecture,
+    ``hf:<config.model_type>``, ``smp:<architecture>-<encoder>``; see :func:`model_names`) against
+    each recipe's ``match.models`` and the model's class against ``match.classes``; a name match
+    beats a class match, then the most specific pattern (fewest wildcards, then longest) wins.
     """
-    names = [n for n in (name, _timm_name(model)) if n]
+    names = [n for n in (name, *model_names(model)) if n]
     classes = [type(model).__name__, f"{type(model).__module__}.{type(model).__qualname__}"]
     best: tuple[tuple[int, int, int], Recipe] | None = None
     for recipe_name in list_recipes():
@@ -350,11 +394,6 @@ def _more_specific(
 ) -> tuple[tuple[int, int, int], Recipe]:
     score = (int(by_name), -sum(pattern.count(c) for c in "*?["), len(pattern))
     return (score, recipe) if best is None or score > best[0] else best
-
-
-def _timm_name(model: nn.Module) -> str | None:
-    cfg = getattr(model, "pretrained_cfg", None)
-    return cfg.get("architecture") if isinstance(cfg, dict) else None
 
 
 def resolve_rules(recipe: Recipe | Rules | str | Path | None, model: nn.Module, name: str | None = None) -> Rules:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -124,6 +125,87 @@ class TestPlan:
         dbi.plan(model)
         assert not injected_modules(model)
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class EncoderDecoder(nn.Module):
+    """An encoder (a ``Net`` body: 32, 16, 8 px at 64 px) and a decoder that upsamples back to 16 and 32 px,
+    with a head that has no site; the encoder's children are named as in segmentation_models_pytorch."""
+
+    def __init__(self, encoder_name: str = "encoder") -> None:
+        super().__init__()
+        net = Net()
+        self.add_module(encoder_name, nn.Sequential(net.stem, net.stage1, net.stage2, net.stage3))
+        self.encoder_name = encoder_name
+        self.decoder = nn.Sequential(nn.Upsample(scale_factor=2), Block(32), nn.Upsample(scale_factor=2), Block(32))
+        self.head = nn.Conv2d(32, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.decoder(getattr(self, self.encoder_name)(x)))
+
+
+class TestScope:
+    def test_auto_takes_the_encoder_and_numbers_its_stages(self) -> None:
+        p = dbi.plan(EncoderDecoder(), input_size=(3, 64, 64))
+        assert {s.host.split(".")[0] for s in p} == {"encoder"}
+        assert [st.feature for st in p.stages] == [(32, 32), (16, 16), (8, 8)]  # the decoder's maps are not stages
+        assert {s.stage for s in p} == {1, 2}
+        whole = dbi.plan(EncoderDecoder(), input_size=(3, 64, 64), scope="all")
+        assert {s.host.split(".")[0] for s in whole} == {"encoder", "decoder"}
+
+    def test_backbone_comes_first_and_a_path_scopes_to_that_part(self) -> None:
+        assert {s.host.split(".")[0] for s in dbi.plan(EncoderDecoder("backbone"), input_size=(3, 64, 64))} == {
+            "backbone"
+        }
+        p = dbi.plan(EncoderDecoder(), input_size=(3, 64, 64), scope="decoder")
+        assert {s.host.split(".")[0] for s in p} == {"decoder"}
+        assert [st.feature for st in p.stages] == [(16, 16), (32, 32)]
+
+    def test_a_scope_that_matches_no_module_or_holds_no_site_is_named(self) -> None:
+        with pytest.raises(dbi.DropBlockInjectError, match=r"scope 'encodr' is not a submodule .*encoder, decoder"):
+            dbi.plan(EncoderDecoder(), input_size=(3, 64, 64), scope="encodr")
+        with pytest.raises(dbi.NoSitesError, match=r"scope 'head' of EncoderDecoder holds none of its \d+ candidate"):
+            dbi.plan(EncoderDecoder(), input_size=(3, 64, 64), scope="head")
+        model = EncoderDecoder()
+        model.encoder = nn.Sequential(nn.Conv2d(3, 32, 3, stride=8, padding=1))  # no site in the encoder
+        with pytest.raises(dbi.NoSitesError, match=r"scope 'encoder' .*\(they lie in \['decoder'\]\)"):
+            dbi.inject(model, input_size=(3, 64, 64))
+        assert not injected_modules(model)
+
+
+class KeywordNet(Net):
+    """A forward that takes its image by keyword only, behind ``**kwargs`` (as HF models are called)."""
+
+    def forward(self, *, pixel_values: torch.Tensor, **kwargs: object) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(pixel_values)
+
+
+class TestInputs:
+    def test_keyword_inputs_as_a_dict_or_example_kwargs(self) -> None:
+        x = torch.randn(2, 3, 48, 48)
+        for p in (dbi.plan(KeywordNet(), example_inputs={"pixel_values": x}),
+                  dbi.plan(KeywordNet(), example_kwargs={"pixel_values": x})):  # fmt: skip
+            assert p.input_size == (3, 48, 48) and str(p).startswith("DropBlock plan for KeywordNet at input 3x48x48")
+            assert [st.feature for st in p.stages] == [(24, 24), (12, 12), (6, 6)]
+        with pytest.raises(TypeError, match="not both"):
+            dbi.plan(KeywordNet(), example_inputs={"pixel_values": x}, example_kwargs={"pixel_values": x})
+        with pytest.raises(TypeError, match=r"keyword inputs must be a dict keyed by parameter names, got \[0\]"):
+            dbi.plan(KeywordNet(), example_kwargs={0: x})
+
+    @pytest.mark.parametrize(
+        ("attribute", "value", "size"),
+        [("config", SimpleNamespace(image_size=48), (3, 48, 48)),  # HF
+         ("config", SimpleNamespace(image_size=[48, 40]), (3, 48, 40)),
+         ("transform", SimpleNamespace(min_size=(32, 40)), (3, 40, 40)),  # torchvision detection: the eval size
+         ("args", {"imgsz": 96}, (3, 96, 96)),  # ultralytics
+         ("pretrained_cfg", {"input_size": (3, 56, 56)}, (3, 56, 56))],  # timm
+    )  # fmt: skip
+    def test_the_default_size_is_the_one_the_model_states(self, attribute: str, value: object, size: tuple) -> None:
+        model = Net()
+        setattr(model, attribute, value)
+        p = dbi.plan(model)
+        assert p.input_size == size
+        assert p.stages[0].feature == (size[1] // 2, size[2] // 2)
+        assert f"at input {'x'.join(map(str, size))} " in str(p)
 
 
 class TestInject:

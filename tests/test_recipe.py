@@ -7,6 +7,7 @@ import itertools
 import os
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace as Namespace
 
 import pytest
 import timm
@@ -15,7 +16,7 @@ from torch import nn
 
 import dropblock_inject as dbi
 from dropblock_inject.finetune import FinetuneConfig, Reporter, finetune
-from dropblock_inject.recipe import TOP_KEYS
+from dropblock_inject.recipe import TOP_KEYS, model_names
 
 
 def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
@@ -59,6 +60,28 @@ class TestShippedRecipes:
     )
     def test_auto_picks_the_family_recipe(self, builder, expected) -> None:
         assert dbi.recipe_for(builder()).name == expected
+
+    @pytest.mark.parametrize(
+        ("module", "attributes", "names", "expected"),
+        [("transformers.models.convnext.modeling_convnext", {"config": Namespace(model_type="convnextv2")},
+          ["hf:convnextv2"], "convnext"),
+         ("transformers.models.upernet.modeling_upernet",
+          {"config": Namespace(model_type="upernet", backbone_config=Namespace(model_type="resnet"))},
+          ["hf:upernet", "hf:resnet"], "resnet"),
+         ("transformers.models.mobilenet_v1.modeling_mobilenet_v1", {"config": Namespace(model_type="mobilenet_v1")},
+          ["hf:mobilenet_v1"], "mobilenet"),
+         ("segmentation_models_pytorch.decoders.unet.model", {"name": "u-efficientnet-b0"},
+          ["smp:u-efficientnet-b0"], "efficientnet"),
+         ("segmentation_models_pytorch.decoders.fpn.model", {"name": "fpn-tu-convnext_tiny"},
+          ["smp:fpn-tu-convnext_tiny"], "convnext"),
+         ("my_models", {"name": "u-resnet34", "config": Namespace(model_type="resnet")}, [], "default")],
+    )  # fmt: skip
+    def test_auto_by_hf_model_type_and_smp_encoder(self, module, attributes, names, expected) -> None:
+        model = type("Model", (nn.Module,), {"__module__": module})()
+        for key, value in attributes.items():
+            setattr(model, key, value)
+        assert model_names(model) == names
+        assert dbi.recipe_for(model).name == expected
 
     def test_auto_by_cli_name(self) -> None:
         model = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None)

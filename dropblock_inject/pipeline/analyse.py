@@ -7,14 +7,17 @@ forward hook on the last module of the chain, or fills an identity slot (timm's 
 ``drop_block``, the ``.drop`` of timm's fused ``BatchNormAct2d``).
 
 No real FLOPs run: shapes come from ``FakeTensorMode``, so a model built on ``device="meta"``
-works too. A model whose top level cannot be traced (torchvision detection) is run once eagerly
-on fake tensors to record the inputs of its submodules, and its largest traceable subtrees are
-analysed instead.
+works too. torch.fx is the first way in. Where a forward cannot be traced (torchvision detection,
+HF encoders, ultralytics' Python loop over its layers, HF MobileNet's ``int()`` on shapes), the
+module runs once on fake tensors with every call written down (:mod:`~dropblock_inject.pipeline.tape`),
+and its frame of that run is read as a graph by the same site rules: the modules it calls that
+trace are analysed as traced graphs, those that do not through their own frames of the same run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import operator
 import warnings
@@ -31,6 +34,7 @@ from dropblock_inject.errors import TraceError
 from dropblock_inject.pipeline.layers import (
     activation_name,
     fused_has_activation,
+    is_attention,
     is_channel_split,
     is_conv,
     is_dropblock,
@@ -40,10 +44,12 @@ from dropblock_inject.pipeline.layers import (
     is_slot,
 )
 from dropblock_inject.pipeline.markers import hosted_dropblock, is_injected
+from dropblock_inject.pipeline.tape import Frame, TapeGraph, frame_graph, record
 from dropblock_inject.pipeline.trace import LeafSpec, describe_target, node_module, trace
 
-__all__ = ["Analysis", "Candidate", "Kind", "Rejected", "Role", "analyse"]
+__all__ = ["Analysis", "Candidate", "Kind", "Rejected", "Role", "analyse", "input_size_of"]
 
+_Graph = fx.GraphModule | TapeGraph  # a traced graph, or a frame of a recorded run
 Kind = Literal["hook", "slot", "fused"]  # how a DropBlock is attached (see Candidate.host)
 Role = Literal["main", "branch", "shortcut"]  # where the conv sits relative to a residual sum
 
@@ -106,8 +112,10 @@ class Analysis:
     rejected: list[Rejected] = field(default_factory=list)
     roots: list[str] = field(default_factory=list)
     opaque: list[str] = field(default_factory=list)
+    recorded: list[str] = field(default_factory=list)
     input_spatial: tuple[int, ...] = ()
     model_convs: int = 0
+    model_attention: int = 0
 
 
 class FakeShapeProp(fx.Interpreter):
@@ -136,6 +144,7 @@ def analyse(
     model: nn.Module,
     example_inputs: tuple[Any, ...],
     *,
+    example_kwargs: dict[str, Any] | None = None,
     leaf_modules: Sequence[LeafSpec] = (),
 ) -> Analysis:
     """Find every candidate site of ``model`` at the size of ``example_inputs``.
@@ -143,21 +152,34 @@ def analyse(
     Args:
         model: The model (not modified; its train/eval mode is restored).
         example_inputs: Positional inputs; tensors are replaced by fake tensors of the same shape.
+        example_kwargs: Keyword inputs (``{"pixel_values": x}``), treated the same way.
         leaf_modules: Extra leaves for the tracer.
 
     Returns:
         An :class:`Analysis`, candidates in execution order.
     """
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    inputs = tuple(_to_fake(fake_mode, a) for a in example_inputs)
-    first = next((a for a in example_inputs if isinstance(a, torch.Tensor)), None)
-    result = Analysis(input_spatial=tuple(first.shape[2:]) if first is not None else ())
+    args = tuple(_to_fake(fake_mode, a) for a in example_inputs)
+    kwargs = {k: _to_fake(fake_mode, v) for k, v in (example_kwargs or {}).items()}
+    result = Analysis(input_spatial=input_size_of(example_inputs, example_kwargs or {})[1:])
     result.model_convs = sum(1 for m in model.modules() if is_conv(m))
+    result.model_attention = sum(1 for m in model.modules() if is_attention(m))
     with _quiet():
-        _analyse_module(model, "", inputs, _Context(fake_mode, leaf_modules, result, model))
+        _analyse_module(model, "", _Inputs(args, kwargs), _Context(fake_mode, leaf_modules, result, model))
     for i, c in enumerate(result.candidates):
         c.order = i
     return result
+
+
+def input_size_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...]:
+    """The size of one input, ``(C, H, W)`` or ``(C, D, H, W)``: of the first tensor (a batch), or of the
+    first image of a list of images (torchvision detection); ``()`` without a tensor."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return tuple(value.shape[1:])
+        if isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor):
+            return tuple(value[0].shape)
+    return ()
 
 
 @contextlib.contextmanager
@@ -188,7 +210,31 @@ def _to_fake(fake_mode: FakeTensorMode, value: Any) -> Any:
         return fake_mode.from_tensor(value)
     if isinstance(value, (list, tuple)):
         return type(value)(_to_fake(fake_mode, v) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_fake(fake_mode, v) for k, v in value.items()}
     return value
+
+
+@dataclass
+class _Inputs:
+    """A module's inputs: positional and keyword."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def positional(self, module: nn.Module) -> tuple[Any, ...] | None:
+        """The inputs as ``forward``'s leading positional parameters, or None when the keywords name others."""
+        if not self.kwargs:
+            return self.args
+        try:
+            params = list(inspect.signature(module.forward).parameters.values())
+        except (TypeError, ValueError):
+            return None
+        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        names = [p.name for p in params if p.kind in kinds][len(self.args) : len(self.args) + len(self.kwargs)]
+        if set(names) != set(self.kwargs):
+            return None
+        return self.args + tuple(self.kwargs[n] for n in names)
 
 
 @dataclass
@@ -201,85 +247,45 @@ class _Context:
     root: nn.Module
 
 
-def _analyse_module(module: nn.Module, path: str, inputs: tuple[Any, ...], ctx: _Context) -> None:
-    """Trace and propagate ``module``; on failure, descend into the subtrees it calls."""
+def _analyse_module(module: nn.Module, path: str, inputs: _Inputs, ctx: _Context, frame: Frame | None = None) -> None:
+    """Trace and propagate ``module``; where torch.fx fails, read its frame of a recorded run instead."""
     if is_conv(module):
         ctx.result.rejected.append(
             Rejected(path, "called directly by an untraceable parent (its chain is not followed)")
         )
         return
-    try:
-        gm = trace(module, leaf_modules=ctx.leaf_modules, path=path, num_inputs=len(inputs))
-        with ctx.fake_mode, _training_as(module, module.training):
-            FakeShapeProp(gm).run(*inputs)
-    except TraceError:
-        _analyse_children(module, path, inputs, ctx)
+    gm = _traced(module, path, inputs, ctx)
+    if gm is None:
+        _analyse_run(module, path, inputs, ctx, frame)
         return
     ctx.result.roots.append(path or "<model>")
     _find_sites(gm, path, ctx)
 
 
-def _analyse_children(module: nn.Module, path: str, inputs: tuple[Any, ...], ctx: _Context) -> None:
-    """Run ``module`` eagerly on fake inputs, recording each child's first inputs; analyse those."""
-    calls = _record_child_inputs(module, inputs, ctx.fake_mode)
-    if not calls:
+def _traced(module: nn.Module, path: str, inputs: _Inputs, ctx: _Context) -> fx.GraphModule | None:
+    """``module`` traced, every node's fake value in ``node.meta["val"]``; None where torch.fx cannot."""
+    args = inputs.positional(module)
+    if args is None:
+        return None
+    try:
+        gm = trace(module, leaf_modules=ctx.leaf_modules, path=path, num_inputs=len(args))
+        with ctx.fake_mode, _training_as(module, module.training):
+            FakeShapeProp(gm).run(*args)
+    except TraceError:
+        return None
+    return gm
+
+
+def _analyse_run(module: nn.Module, path: str, inputs: _Inputs, ctx: _Context, frame: Frame | None) -> None:
+    """Find the sites in what ``module`` called in one run: its frame of the run that called it, else (none, or
+    one that an error cut short) a run of its own."""
+    if frame is None or frame.stopped:
+        frame = record(module, inputs.args, inputs.kwargs, ctx.fake_mode, path=path, leaf_modules=ctx.leaf_modules).root
+    if frame is None or not frame.calls:
         ctx.result.opaque.append(path or "<model>")
         return
-    called = {name for name, _ in calls}
-    ctx.result.opaque.extend(
-        _join(path, name) for name, child in module.named_children() if name not in called and _hides_convs(child)
-    )
-    for name, child_inputs in calls:
-        child = module.get_submodule(name)
-        _analyse_module(child, _join(path, name), child_inputs, ctx)
-
-
-def _record_child_inputs(
-    module: nn.Module, inputs: tuple[Any, ...], fake_mode: FakeTensorMode
-) -> list[tuple[str, tuple[Any, ...]]]:
-    """First positional inputs of each direct child, in the order of their first call.
-
-    The model runs in eval mode (detection models need targets in training) on fake tensors; an
-    error after the children ran (data-dependent ops such as NMS) is expected and ignored. When
-    data-dependent control flow stops the fake run before any child runs, it runs once on real
-    tensors of the same shapes (unless the model is on the meta device).
-    """
-    calls = _run_recording(module, inputs, fake_mode)
-    if not calls and not any(p.is_meta for p in module.parameters()):
-        real = tuple(_to_real(a) for a in inputs)
-        calls = {name: tuple(_to_fake(fake_mode, a) for a in args)
-                 for name, args in _run_recording(module, real, None).items()}  # fmt: skip
-    return list(calls.items())
-
-
-def _run_recording(
-    module: nn.Module, inputs: tuple[Any, ...], fake_mode: FakeTensorMode | None
-) -> dict[str, tuple[Any, ...]]:
-    calls: dict[str, tuple[Any, ...]] = {}
-    handles = []
-    for name, child in module.named_children():
-
-        def hook(_m: nn.Module, args: tuple[Any, ...], _name: str = name) -> None:
-            calls.setdefault(_name, args)
-
-        handles.append(child.register_forward_pre_hook(hook))
-    try:
-        with fake_mode or contextlib.nullcontext(), _training_as(module, False), torch.no_grad():
-            module(*inputs)
-    except Exception:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    return calls
-
-
-def _to_real(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return torch.randn(value.shape, dtype=value.dtype, device=value.device)
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_real(v) for v in value)
-    return value
+    ctx.result.recorded.append(path or "<model>")
+    _find_sites(frame_graph(frame), frame.tape.path, ctx)
 
 
 class _training_as:  # noqa: N801 - used as a context manager
@@ -301,7 +307,7 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
-def _find_sites(gm: fx.GraphModule, path: str, ctx: _Context) -> None:
+def _find_sites(gm: _Graph, path: str, ctx: _Context) -> None:
     """Walk the graph in execution order: conv chains, and opaque leaves that hide convolutions."""
     calls_seen: dict[str, int] = {}
     for node in gm.graph.nodes:
@@ -318,10 +324,10 @@ def _find_sites(gm: fx.GraphModule, path: str, ctx: _Context) -> None:
             _follow_chain(gm, node, module, path, ctx.result, ctx.root)
         elif _is_channels_last_pointwise(module, node, _join(path, str(node.target)), ctx.root):
             _follow_chain(gm, node, module, path, ctx.result, ctx.root, channel_dim=-1)
-        elif _hides_convs(module):
-            inputs = tuple(a.meta.get("val") if isinstance(a, fx.Node) else a for a in node.args)
-            sub_path = _join(path, str(node.target))
-            _analyse_module(module, sub_path, inputs, ctx)
+        elif _hides_convs(module) and node.meta["call_index"] == 0:
+            inputs = _Inputs(*fx.map_arg((node.args, node.kwargs), lambda a: a.meta.get("val")))
+            inputs = _Inputs(_to_fake(ctx.fake_mode, inputs.args), _to_fake(ctx.fake_mode, inputs.kwargs))
+            _analyse_module(module, _join(path, str(node.target)), inputs, ctx, node.meta.get("frame"))
 
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)  # a stage's list of blocks is not a block
@@ -382,7 +388,7 @@ class _Chain:
 
 
 def _follow_chain(
-    gm: fx.GraphModule,
+    gm: _Graph,
     conv_node: fx.Node,
     conv: nn.Module,
     path: str,
@@ -420,7 +426,7 @@ def _follow_chain(
             pass  # an identity after a residual sum (timm's drop_path / attn placeholders)
         elif is_residual_merge(user.op, user.target):
             if chain.role == "main":
-                chain.role = _residual_role(conv_node, node, user)
+                chain.role = _residual_role(gm, conv_node, node, user)
         elif chain.role == "main" and is_channel_split(user, chain.node.meta["val"].dim(), chain.channel_dim):
             # A gated block (MambaOut: fc1 -> split -> act(g) * (i, conv(c))): the DropBlock goes on the
             # whole output before the split, the site's activation is the one part that has one.
@@ -442,7 +448,7 @@ def _follow_chain(
         node = user
 
 
-def _split_activations(gm: fx.GraphModule, split: fx.Node, path: str) -> list[tuple[str, int]]:
+def _split_activations(gm: _Graph, split: fx.Node, path: str) -> list[tuple[str, int]]:
     """The activations that the parts of a channel split feed directly (``getitem -> act``)."""
     acts = []
     for part in split.users:
@@ -457,7 +463,7 @@ def _split_activations(gm: fx.GraphModule, split: fx.Node, path: str) -> list[tu
     return acts
 
 
-def _residual_role(conv_node: fx.Node, operand: fx.Node, add: fx.Node) -> Role:
+def _residual_role(gm: _Graph, conv_node: fx.Node, operand: fx.Node, add: fx.Node) -> Role:
     """``"shortcut"`` for a projection shortcut, ``"branch"`` for the residual branch's last conv.
 
     The shortcut's convolution reads the block input that the other operand of the sum was
@@ -468,18 +474,17 @@ def _residual_role(conv_node: fx.Node, operand: fx.Node, add: fx.Node) -> Role:
     if source is None or not others:
         return "branch"
     other = others[0]
-    if _conv_input(other) is source:
+    if _conv_input(gm, other) is source:
         return "branch"
     return "shortcut" if _is_ancestor(source, other) else "branch"
 
 
-def _conv_input(node: fx.Node) -> fx.Node | None:
+def _conv_input(gm: _Graph, node: fx.Node) -> fx.Node | None:
     """The input of the convolution that ``node`` comes from through single-input layers, if any."""
     for _ in range(8):
-        if node.op == "call_module" and node.graph.owning_module is not None:
-            module = node.graph.owning_module.get_submodule(str(node.target))
-            if is_conv(module):
-                return node.args[0] if isinstance(node.args[0], fx.Node) else None
+        module = node_module(gm, node)
+        if module is not None and is_conv(module):
+            return node.args[0] if isinstance(node.args[0], fx.Node) else None
         inputs = node.all_input_nodes
         if len(inputs) != 1:
             return None
@@ -500,7 +505,7 @@ def _is_ancestor(candidate: fx.Node, node: fx.Node) -> bool:
     return False
 
 
-def _feeds_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
+def _feeds_norm(gm: _Graph, node: fx.Node) -> bool:
     users = list(node.users)
     module = node_module(gm, users[0]) if len(users) == 1 else None
     return module is not None and (is_norm(module) or is_fused_norm_act(module))

@@ -7,6 +7,7 @@ per-architecture knowledge belongs in ``recipes/``.
 from __future__ import annotations
 
 import operator
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ from dropblock_inject.op.module import DropBlock
 
 __all__ = [
     "activation_name",
+    "is_attention",
     "is_channel_split",
     "is_conv",
     "is_fused_norm_act",
@@ -38,11 +40,20 @@ _ACTIVATION_METHODS = {"relu", "relu_", "tanh", "tanh_"}
 _ACTIVATION_CLASS_NAMES = {"Swish", "SwishMe", "Mish", "MishMe", "HardSwish", "HardSwishMe", "GELU", "GELUTanh",
                            "QuickGELU", "PReLU", "Tanh", "ReLU6", "StarReLU", "SquaredReLU"}  # fmt: skip
 _GATE_CLASS_NAMES = {"Sigmoid", "HardSigmoid", "HardSigmoidMe", "GateSigmoid"}
+# Libraries whose activation modules are recognised by where they come from (timm's, HF transformers'
+# ACT2FN classes such as GELUActivation), except gates and identities.
+_ACTIVATION_PACKAGES = ("timm.layers.activations", "transformers.activations")
+_GATE_OR_IDENTITY = re.compile("sigmoid|linear|identity")
 
 
 def is_conv(module: nn.Module) -> bool:
     """A spatial convolution (``Conv2d``/``Conv3d`` and subclasses such as timm's ``Conv2dSame``)."""
     return isinstance(module, (nn.Conv2d, nn.Conv3d))
+
+
+def is_attention(module: nn.Module) -> bool:
+    """An attention layer (``nn.MultiheadAttention``, or a class named ``*Attention*``): a transformer block's."""
+    return isinstance(module, nn.MultiheadAttention) or "attention" in type(module).__name__.lower()
 
 
 def is_norm(module: nn.Module) -> bool:
@@ -95,7 +106,7 @@ def activation_name(node_op: str, target: Any, module: nn.Module | None) -> str 
             return None
         if isinstance(module, _ACTIVATION_MODULES) or name in _ACTIVATION_CLASS_NAMES:
             return name
-        if type(module).__module__.startswith("timm.layers.activations") and "sigmoid" not in name.lower():
+        if type(module).__module__.startswith(_ACTIVATION_PACKAGES) and not _GATE_OR_IDENTITY.search(name.lower()):
             return name
         return None
     if node_op == "call_function":

@@ -155,7 +155,7 @@ def make_plan(analysis: Analysis, rules: Rules, *, model: str, input_size: tuple
         scope: Module-path prefix of the candidates that form the stages ("" for all).
 
     Raises:
-        NoSitesError: The model has no candidate site, or the rules select none.
+        NoSitesError: The model has no candidate site, the scope holds none, or the rules select none.
         RecipeError: A pattern of the rules matches no site, or a stage does not exist.
     """
     rejected = Counter(r.reason for r in analysis.rejected)
@@ -164,7 +164,13 @@ def make_plan(analysis: Analysis, rules: Rules, *, model: str, input_size: tuple
         raise NoSitesError(_no_candidates_message(model, analysis, rejected))
     _check_patterns(rules, enabled, model)
     in_scope = [c for c in enabled if not scope or c.conv.startswith(scope + ".")]
-    stage_of, stages = _assign_stages(in_scope or enabled)
+    if not in_scope:
+        parts = sorted({c.conv.split(".")[0] for c in enabled})
+        raise NoSitesError(
+            f"scope {scope!r} of {model} holds none of its {len(enabled)} candidate sites (they lie in {parts}); "
+            f"pass scope='all' or the path of the part that should get DropBlock"
+        )
+    stage_of, stages = _assign_stages(in_scope)
     chosen = rules.chosen_stages([s.stride for s in stages])
     sites = [site for c in enabled if (site := _site(c, stage_of.get(c.order, _OUT_OF_SCOPE), stages, chosen, rules))]
     sites = _whole_hosts(sites, enabled)
@@ -289,6 +295,8 @@ def _no_candidates_message(model: str, analysis: Analysis, rejected: Counter[str
         reasons = "; ".join(f"{reason} x{n}" for reason, n in rejected.most_common(4))
         what = (f"none of its {sum(rejected.values())} convolutions reaches an activation through norm layers "
                 f"only: {reasons}")  # fmt: skip
+    if analysis.model_attention:
+        what = f"no convolution sites (transformer blocks); {what}"
     hint = " Pre-activation nets (norm -> act -> conv) and conv -> act -> norm nets have no such site."
     if analysis.opaque:
         hint += (f" Could not trace or run {analysis.opaque[:3]}: pass example_inputs=(...) or "

@@ -15,9 +15,12 @@ from typing import Any
 from dropblock_inject.errors import RecipeError
 from dropblock_inject.op.functional import _as_block_tuple, validate_args
 
-__all__ = ["SITE_SETTINGS", "Rules"]
+__all__ = ["AUTO_SCOPES", "SITE_SETTINGS", "Rules"]
 
 SITE_SETTINGS = ("drop_prob", "block_size", "gamma_scale")
+# What scope="auto" takes, the first found among the model's children: the feature extractor of an
+# encoder-decoder model (torchvision detection and segmentation, HF UperNet: backbone; smp: encoder).
+AUTO_SCOPES = ("backbone", "encoder")
 
 
 @dataclass
@@ -49,9 +52,11 @@ class Rules:
         exclude: Module-path patterns never patched.
         overrides: Module-path pattern or exact path -> settings (``drop_prob``, ``block_size``,
             ``gamma_scale``); exact paths beat patterns.
-        scope: The part of the model whose sites form the stages: ``"auto"`` (the ``backbone``
-            submodule when the model has one, as torchvision's detection and segmentation models
-            do, else everything), ``"all"``, or a module path.
+        scope: The part of the model whose sites form the stages (numbered inside it) and get
+            DropBlock: ``"auto"`` (the first child named in ``AUTO_SCOPES``: the ``backbone`` of
+            torchvision's detection and segmentation models and HF's UperNet, the ``encoder`` of
+            segmentation_models_pytorch's models and of HF's ``*Backbone`` classes; else
+            everything), ``"all"``, or a module path. A scope without a candidate site is an error.
         source: Where the rules come from (a recipe file), for error messages.
 
     Example:

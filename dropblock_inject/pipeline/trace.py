@@ -105,8 +105,8 @@ def _defaults_after(module: nn.Module, num_inputs: int | None) -> dict[str, Any]
     return {p.name: p.default for p in rest}
 
 
-def node_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    """The module a ``call_module`` node calls, else None."""
+def node_module(gm: fx.GraphModule | Any, node: fx.Node) -> nn.Module | None:
+    """The module a ``call_module`` node calls, else None (``gm``: anything with ``get_submodule``)."""
     if node.op != "call_module":
         return None
     return gm.get_submodule(str(node.target))
