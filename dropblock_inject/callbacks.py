@@ -71,7 +71,7 @@ class InjectingCallback(RampCallback):
     """A :class:`RampCallback` that also injects: the rules and keyword arguments of ``inject``.
 
     Args:
-        recipe: The rules of :func:`~dropblock_inject.plan` (``None``: the default rules).
+        recipe: The rules of :func:`~dropblock_inject.plan`; default ``"auto"``: the model family's recipe.
         **kwargs: The ramp settings of :class:`RampCallback` (``total_steps``, ``warmup_steps``,
             ``kind``, ``start``, ``log_name``); the others are keyword arguments of
             :func:`~dropblock_inject.inject` (``drop_prob``, ``input_size``, ``stages`` ...).
@@ -82,7 +82,7 @@ class InjectingCallback(RampCallback):
         ({'drop_prob': 0.1}, 100)
     """
 
-    def __init__(self, recipe: Any = None, **kwargs: Any) -> None:
+    def __init__(self, recipe: Any = "auto", **kwargs: Any) -> None:
         ramp = {k: kwargs.pop(k) for k in RAMP_SETTINGS if k in kwargs}
         super().__init__(**ramp)
         self.recipe, self.inject_kwargs = recipe, kwargs

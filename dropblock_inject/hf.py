@@ -50,7 +50,7 @@ class DropBlockCallback(InjectingCallback, TrainerCallback, ExportableState):
     then raises: patch the model before building the ``Trainer`` instead.
 
     Args:
-        recipe: The rules of :func:`~dropblock_inject.plan` (``None``: the default rules).
+        recipe: The rules of :func:`~dropblock_inject.plan`; default ``"auto"``: the model family's recipe.
         **kwargs: Ramp settings (``total_steps``, default the run's ``max_steps``;
             ``warmup_steps``, ``kind``, ``start``, ``log_name``: see
             :class:`~dropblock_inject.callbacks.RampCallback`) and keyword arguments of
@@ -121,7 +121,7 @@ class DropBlockCallback(InjectingCallback, TrainerCallback, ExportableState):
 
     def _patch(self, model: nn.Module) -> None:
         has_blocks = any(isinstance(m, DropBlock) for m in model.modules())
-        asked = self.recipe is not None or bool(self.inject_kwargs)
+        asked = self.recipe != "auto" or bool(self.inject_kwargs)  # the default recipe alone asks nothing
         if has_blocks and asked and self._patched is not model:
             raise ValueError(
                 "the model already holds DropBlocks: build DropBlockCallback without injection arguments to use "

@@ -186,6 +186,18 @@ class TestDropBlockCallback:
             train(tmp_path / "again", [again], resume=str(tmp_path / "first" / "checkpoint-3"),
                   restore_callback_states_from_checkpoint=True)  # fmt: skip
 
+    def test_a_convnext_needs_no_argument(self, tmp_path) -> None:
+        # the HF convnet most often fine-tuned: its family's recipe, at the config's image size
+        config = transformers.ConvNextConfig(hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1], num_labels=3,
+                                             image_size=64)  # fmt: skip
+        callback, probe = DropBlockCallback(), RateProbe()
+        trainer = train(tmp_path, [callback, probe], max_steps=2, save_strategy="no",
+                        model=transformers.ConvNextForImageClassification(config))  # fmt: skip
+        hosts = [name for name, m in trainer.model.named_modules() if isinstance(m, dbi.DropBlock)]
+        assert hosts and all(".pwconv1." in name for name in hosts)  # the convnext recipe: the MLP's fc1
+        assert probe.seen[1][1] == pytest.approx([m.target_rate / 2 for m in callback.schedule.modules])
+        assert probe.dropped > 0
+
     def test_takes_a_model_patched_before_the_trainer(self, tmp_path) -> None:
         model = dbi.inject(tiny_resnet(), input_size=SIZE, drop_prob=0.2)
         callback = DropBlockCallback()
