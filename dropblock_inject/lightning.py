@@ -16,12 +16,12 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("DropBlockCallback needs Lightning: pip install 'dropblock-inject[lightning]'") from e
 
-from dropblock_inject.schedule import DropBlockSchedule
+from dropblock_inject.callbacks import RampCallback
 
 __all__ = ["DropBlockCallback"]
 
 
-class DropBlockCallback(Callback):
+class DropBlockCallback(RampCallback, Callback):
     """Ramp the rate of the model's DropBlocks with the global step, log it, and checkpoint it.
 
     Args:
@@ -33,24 +33,10 @@ class DropBlockCallback(Callback):
         log_name: The name the mean drop rate is logged under (None: do not log).
     """
 
-    def __init__(
-        self,
-        total_steps: int | None = None,
-        *,
-        warmup_steps: int = 0,
-        kind: Any = "linear",
-        start: float = 0.0,
-        log_name: str | None = "dropblock/rate",
-    ) -> None:
-        self.total_steps, self.warmup_steps, self.kind, self.start = total_steps, warmup_steps, kind, start
-        self.log_name = log_name
-        self.schedule: DropBlockSchedule | None = None
-        self._pending_state: dict[str, Any] | None = None
+    _pending_state: dict[str, Any] | None = None  # a checkpoint's state, until the schedule exists
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        total = self.total_steps or max(int(trainer.estimated_stepping_batches), 1)
-        self.schedule = DropBlockSchedule(pl_module, total, warmup_steps=min(self.warmup_steps, total - 1),
-                                          kind=self.kind, start=self.start)  # fmt: skip
+        self.build_schedule(pl_module, int(trainer.estimated_stepping_batches))
         if self._pending_state is not None:
             self.schedule.load_state_dict(self._pending_state)
 
@@ -64,8 +50,7 @@ class DropBlockCallback(Callback):
             return
         self.schedule.step_update(trainer.global_step)
         if self.log_name:
-            rates = self.schedule.rates()
-            pl_module.log(self.log_name, sum(rates) / len(rates), on_step=True, prog_bar=False)
+            pl_module.log(self.log_name, self.mean_rate(), on_step=True, prog_bar=False)
 
     def state_dict(self) -> dict[str, Any]:
         return self.schedule.state_dict() if self.schedule is not None else dict(self._pending_state or {})

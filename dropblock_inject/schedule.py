@@ -20,7 +20,7 @@ from torch import nn
 
 from dropblock_inject.op.module import DropBlock
 
-__all__ = ["DropBlockSchedule", "ramp_progress"]
+__all__ = ["DropBlockSchedule", "check_ramp", "ramp_progress", "run_schedule"]
 
 KINDS = ("linear", "cosine", "constant")
 
@@ -63,14 +63,7 @@ class DropBlockSchedule:
         start: float = 0.0,
     ) -> None:
         self.modules = _find_modules(model_or_modules)
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
-        if not isinstance(warmup_steps, int) or not 0 <= warmup_steps < total_steps:
-            raise ValueError(f"warmup_steps must be an int in [0, total_steps={total_steps}), got {warmup_steps!r}")
-        if not callable(kind) and kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS} or a callable step -> progress, got {kind!r}")
-        if not 0.0 <= start <= 1.0:
-            raise ValueError(f"start must be a drop rate in [0, 1], got {start}")
+        check_ramp(total_steps, warmup_steps=warmup_steps, kind=kind, start=start)
         self.total_steps, self.warmup_steps, self.kind, self.start = total_steps, warmup_steps, kind, float(start)
         self.last_step = 0
         self._apply()
@@ -159,6 +152,54 @@ def ramp_progress(step: int, *, total_steps: int, warmup_steps: int, kind: str |
     if kind == "cosine":
         return 0.5 * (1.0 - math.cos(math.pi * t))
     return t
+
+
+def check_ramp(
+    total_steps: int | None, *, warmup_steps: int = 0, kind: str | Callable[[int], float] = "linear", start: float = 0.0
+) -> None:
+    """Raise ``ValueError`` for settings that no :class:`DropBlockSchedule` accepts.
+
+    Trainer callbacks call it when they are built, before the run's length is known
+    (``total_steps=None``); the schedule calls it again with the length.
+
+    Example:
+        >>> check_ramp(None, warmup_steps=10, kind="cosine")
+        >>> check_ramp(100, start=1.5)
+        Traceback (most recent call last):
+        ...
+        ValueError: start must be a drop rate in [0, 1], got 1.5
+    """
+    if total_steps is not None and (
+        isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
+    ):
+        raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+    limit = total_steps if total_steps is not None else math.inf
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or not 0 <= warmup_steps < limit:
+        raise ValueError(f"warmup_steps must be an int in [0, total_steps={total_steps}), got {warmup_steps!r}")
+    if not callable(kind) and kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS} or a callable step -> progress, got {kind!r}")
+    if isinstance(start, bool) or not isinstance(start, (int, float)) or not 0.0 <= start <= 1.0:
+        raise ValueError(f"start must be a drop rate in [0, 1], got {start!r}")
+
+
+def run_schedule(
+    model: nn.Module,
+    total_steps: int,
+    *,
+    warmup_steps: int = 0,
+    kind: str | Callable[[int], float] = "linear",
+    start: float = 0.0,
+) -> DropBlockSchedule:
+    """A schedule over a trainer's whole run of ``total_steps``; a longer warm-up is cut to fit the run.
+
+    Example:
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), DropBlock(0.1, 3), nn.ReLU())
+        >>> run_schedule(model, 4, warmup_steps=10).warmup_steps
+        3
+    """
+    total_steps = max(int(total_steps), 1)
+    warmup_steps = min(warmup_steps, total_steps - 1)
+    return DropBlockSchedule(model, total_steps, warmup_steps=warmup_steps, kind=kind, start=start)
 
 
 def _saved_callable(state: dict[str, Any], kind: str | Callable[[int], float]) -> bool:
